@@ -1,0 +1,1 @@
+"""Engine connectors for kvbm (installed as ``kvbm.connectors``)."""

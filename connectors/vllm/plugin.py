@@ -1,0 +1,19 @@
+"""vLLM general-plugin hook: runs early in every process vLLM starts.
+
+vLLM calls ``vllm.general_plugins`` entry points in its argument parser, its engine core and
+each worker, before any model step, and may call them more than once per process; everything
+here is idempotent.
+"""
+
+from __future__ import annotations
+
+from kvbm.cpu_features import request_amx_permission
+
+
+def register() -> None:
+    """Prepares the current process for vLLM.
+
+    Requests AMX tile permission so vLLM's bf16 CPU attention cannot die with SIGILL when
+    attention is the process's first AMX user (see :mod:`kvbm.cpu_features`).
+    """
+    request_amx_permission()

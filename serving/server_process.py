@@ -1,0 +1,134 @@
+"""A vLLM OpenAI server as a child process: start, wait until healthy, stop.
+
+Contract: :meth:`VLLMServer.start` returns once ``/health`` answers 200, or raises
+:class:`ServerStartError` (the process exited, or the deadline passed) after stopping the
+child, with the tail of its log in the message. :meth:`VLLMServer.stop` always leaves no
+child behind: SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from kvbm.serving.vllm_settings import EngineSettings, vllm_env
+
+
+class ServerStartError(RuntimeError):
+    """A server did not become healthy."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class VLLMServer:
+    """One ``vllm.entrypoints.openai.api_server`` process.
+
+    Args:
+        settings: engine settings.
+        log_path: file that receives the server's stdout and stderr.
+        host: address to bind; loopback unless the caller says otherwise.
+        port: TCP port; a free one when None.
+        extra_env: added to the environment (after :func:`vllm_env`).
+        served_name: the model name clients send; the model path when None.
+    """
+
+    def __init__(self, settings: EngineSettings, log_path: Path, host: str = "127.0.0.1",
+                 port: int | None = None, extra_env: dict[str, str] | None = None,
+                 served_name: str | None = None) -> None:
+        self.settings = settings
+        self.log_path = Path(log_path)
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.served_name = served_name
+        self._extra_env = dict(extra_env or {})
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self, timeout_s: float = 300.0) -> "VLLMServer":
+        """Starts the server and waits for ``/health``.
+
+        Raises:
+            ServerStartError: the process died or was not healthy within ``timeout_s``.
+        """
+        env = {**os.environ, **vllm_env(), **self._extra_env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # A session of its own, so stop() can signal the server and any children it forks.
+            self._process = subprocess.Popen(
+                self.settings.server_command(self.host, self.port, self.served_name),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self.stop()
+                raise ServerStartError(
+                    f"vLLM server on port {self.port} exited with {code} during start-up; "
+                    f"log {self.log_path}:\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(
+            f"vLLM server on port {self.port} not healthy after {timeout_s:.0f} s; "
+            f"log {self.log_path}:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Stops the server and everything it started; idempotent.
+
+        SIGTERM goes to the API server alone, so it shuts its engine core down in order
+        (signalling the whole group at once makes the server log the engine's death as a
+        crash); whatever of the group is left after the grace period is killed.
+        """
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
