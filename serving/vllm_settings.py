@@ -48,6 +48,8 @@ class EngineSettings:
         num_gpu_blocks_override: caps G1 at this many blocks (to make G1 evict in tests).
         kv_transfer_config: vLLM's KVTransferConfig as a dict, or None for no connector.
         enable_prefix_caching: vLLM's own G1 prefix cache.
+        dtype: weights and KV dtype; bfloat16 in production, float32 where tests need
+            results that do not depend on batch shape.
     """
 
     model: Path
@@ -57,6 +59,7 @@ class EngineSettings:
     num_gpu_blocks_override: int | None = None
     kv_transfer_config: dict[str, Any] | None = None
     enable_prefix_caching: bool = True
+    dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 32:
@@ -68,7 +71,7 @@ class EngineSettings:
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for an in-process ``vllm.LLM``."""
         kwargs: dict[str, Any] = dict(
-            model=str(self.model), dtype="bfloat16", enforce_eager=True,
+            model=str(self.model), dtype=self.dtype, enforce_eager=True,
             block_size=self.block_size, max_model_len=self.max_model_len, seed=self.seed,
             distributed_executor_backend="uni", enable_prefix_caching=self.enable_prefix_caching)
         if self.num_gpu_blocks_override is not None:
@@ -83,7 +86,7 @@ class EngineSettings:
         argv = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model), "--host", host, "--port", str(port),
-            "--dtype", "bfloat16", "--enforce-eager", "--block-size", str(self.block_size),
+            "--dtype", self.dtype, "--enforce-eager", "--block-size", str(self.block_size),
             "--max-model-len", str(self.max_model_len), "--seed", str(self.seed),
             "--disable-uvicorn-access-log",
         ]

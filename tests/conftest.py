@@ -4,10 +4,10 @@ Engines run in the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` e
 about 2 s to start once vLLM is imported, instead of 30 s for a server. One engine is shared
 per test module; tests that need another build it with ``make_engine``.
 
-In-process engines share vLLM's process-wide distributed state: shutting one down tears it
-down under every other live engine (the next step fails or misbehaves). So engines are never
-shut down one at a time; each module's engines are shut down together when the module ends,
-and the next module's first engine sets the state up again.
+In-process engines share vLLM's process-wide state (distributed groups, the KV transfer
+group): a second live engine takes the connector of the first, and shutting one down tears
+the state down under the others. So ``make_engine`` shuts the module's previous engine down
+before it builds the next one: only the newest engine works, and tests use engines in turn.
 """
 
 from __future__ import annotations
@@ -44,23 +44,28 @@ def tiny_model() -> Path:
     return ensure_model("tiny")
 
 
+def _shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
 @pytest.fixture(scope="module")
 def make_engine() -> Iterator[Callable[[EngineSettings], object]]:
-    """Factory for in-process vLLM engines; the module's engines are shut down together."""
+    """Factory for in-process vLLM engines; each call shuts the previous engine down first."""
     from vllm import LLM
 
-    engines = []
+    live = []
 
     def make(settings: EngineSettings):
+        while live:
+            _shutdown(live.pop())
         llm = LLM(**settings.llm_kwargs())
-        engines.append(llm)
+        live.append(llm)
         return llm
 
     yield make
-    for llm in engines:
-        llm.llm_engine.engine_core.shutdown()
-    engines.clear()
-    gc.collect()
+    while live:
+        _shutdown(live.pop())
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from kvbm.cpu_features import request_amx_permission
 
+CONNECTOR_NAME = "KVBMConnector"
+
 
 def register() -> None:
     """Prepares the current process for vLLM.
 
     Requests AMX tile permission so vLLM's bf16 CPU attention cannot die with SIGILL when
-    attention is the process's first AMX user (see :mod:`kvbm.cpu_features`).
+    attention is the process's first AMX user (see :mod:`kvbm.cpu_features`), and registers
+    ``KVBMConnector`` so ``--kv-transfer-config '{"kv_connector": "KVBMConnector", ...}'``
+    works without a module path.
     """
     request_amx_permission()
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if CONNECTOR_NAME not in KVConnectorFactory._registry:  # no public "is registered" query
+        KVConnectorFactory.register_connector(
+            CONNECTOR_NAME, "kvbm.connectors.vllm.connector", "KVBMConnector")

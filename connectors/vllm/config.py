@@ -1,0 +1,89 @@
+"""The connector's configuration, parsed once from vLLM's ``kv_connector_extra_config``.
+
+The dict holds kvbm's own settings (:class:`kvbm.config.KvbmConfig`) plus a few that only
+the vLLM integration has; both are validated here, in the scheduler and in every worker, so
+a wrong field stops vLLM at start-up with a message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from kvbm.config import KvbmConfig
+from kvbm.errors import ConfigError
+
+# G2 size when the user names none: enough for ~128k tokens of a 100M-parameter model.
+DEFAULT_G2_CAPACITY_BYTES = 2 << 30
+
+
+class LoadFailurePolicy(enum.Enum):
+    """What vLLM does with a request whose blocks kvbm failed to load."""
+
+    RECOMPUTE = "recompute"  # compute the failed blocks again: a failed load is a cache miss
+    FAIL = "fail"  # end the request with an error
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """Settings of :class:`~kvbm.connectors.vllm.connector.KVBMConnector`.
+
+    Attributes:
+        kvbm: the block manager's settings.
+        async_load_min_blocks: loads of at least this many blocks run asynchronously
+            (the request waits while others run); smaller loads finish before the step.
+        load_failure: what vLLM does after a failed load (sets vLLM's kv_load_failure_policy).
+        stats_port: port of the worker's JSON/Prometheus stats endpoint; None: no endpoint.
+        stats_host: address the stats endpoint binds (loopback unless set).
+    """
+
+    kvbm: KvbmConfig
+    async_load_min_blocks: int = 64
+    load_failure: LoadFailurePolicy = LoadFailurePolicy.RECOMPUTE
+    stats_port: int | None = None
+    stats_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        _check_int("async_load_min_blocks", self.async_load_min_blocks, 1)
+        if self.stats_port is not None:
+            _check_int("stats_port", self.stats_port, 0)
+            if self.stats_port > 65535:
+                raise ConfigError("stats_port", f"must be <= 65535, got {self.stats_port}")
+        if not isinstance(self.stats_host, str) or not self.stats_host:
+            raise ConfigError("stats_host", f"expected a host name or address, got {self.stats_host!r}")
+
+    @classmethod
+    def from_extra_config(cls, raw: Mapping[str, Any] | None) -> ConnectorConfig:
+        """Parse vLLM's ``kv_connector_extra_config``.
+
+        Raises:
+            ConfigError: an unknown key or a wrong value, naming the field.
+        """
+        raw = dict(raw or {})
+        own = {f.name for f in dataclasses.fields(cls)} - {"kvbm"}
+        kvbm_keys = {f.name for f in dataclasses.fields(KvbmConfig)}
+        for key in raw:
+            if key not in own and key not in kvbm_keys:
+                known = ", ".join(sorted(own | kvbm_keys))
+                raise ConfigError(str(key), f"unknown key in kv_connector_extra_config; known keys: {known}")
+        kvbm_raw = {k: v for k, v in raw.items() if k in kvbm_keys}
+        if kvbm_raw.get("g2_capacity_bytes") is None and kvbm_raw.get("g2_capacity_blocks") is None:
+            kvbm_raw["g2_capacity_bytes"] = DEFAULT_G2_CAPACITY_BYTES
+            kvbm_raw.pop("g2_capacity_blocks", None)
+        values: dict[str, Any] = {k: v for k, v in raw.items() if k in own}
+        if "load_failure" in values:
+            try:
+                values["load_failure"] = LoadFailurePolicy(values["load_failure"])
+            except ValueError:
+                choices = ", ".join(p.value for p in LoadFailurePolicy)
+                raise ConfigError("load_failure", f"expected one of {choices}, got {values['load_failure']!r}") from None
+        return cls(kvbm=KvbmConfig.from_dict(kvbm_raw), **values)
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"expected an int, got {value!r}")
+    if value < minimum:
+        raise ConfigError(field, f"must be >= {minimum}, got {value}")

@@ -1,0 +1,142 @@
+"""KVBMConnector: vLLM's KV connector interface, forwarded to kvbm's scheduler or worker side.
+
+Enable it by name (the ``vllm.general_plugins`` entry point registers it)::
+
+    --kv-transfer-config '{"kv_connector": "KVBMConnector", "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"g2_capacity_bytes": "4GiB"}}'
+
+or by module path (``"kv_connector_module_path": "kvbm.connectors.vllm.connector"``).
+vLLM builds one instance with the scheduler role in its engine core and one with the worker
+role in each worker; each forwards to :class:`SchedulerSide` or :class:`WorkerSide`, and the
+two talk only through connector metadata (see :mod:`.metadata`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorRole,
+)
+
+from kvbm.connectors.vllm.config import ConnectorConfig
+from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata
+from kvbm.connectors.vllm.stats import KvbmConnectorStats, KvbmPromMetrics, StatsServer
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger(__name__)
+
+
+class KVBMConnector(KVConnectorBase_V1):
+    """kvbm's tiered prefix cache (G2 host memory, G3 disk) behind vLLM's connector API."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        self._config = ConnectorConfig.from_extra_config(transfer.kv_connector_extra_config)
+        self._scheduler = None
+        self._worker = None
+        self._stats_server: StatsServer | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            from kvbm.connectors.vllm.scheduler import SchedulerSide
+
+            # A failed load is a cache miss: vLLM reads this after building the connector.
+            transfer.kv_load_failure_policy = self._config.load_failure.value
+            self._scheduler = SchedulerSide(self._config, vllm_config, kv_cache_config)
+            if self._config.stats_port is not None:
+                self._stats_server = StatsServer(lambda: self._scheduler.stats,
+                                                 self._config.stats_host, self._config.stats_port)
+                logger.info("kvbm stats on http://%s:%d/stats", self._config.stats_host, self._stats_server.port)
+        else:
+            from kvbm.connectors.vllm.worker import WorkerSide
+
+            self._worker = WorkerSide(self._config, kv_cache_config)
+
+    @property
+    def stats_port(self) -> int | None:
+        """Port of the stats endpoint (scheduler side, when configured)."""
+        return self._stats_server.port if self._stats_server else None
+
+    @property
+    def host_buffer(self):
+        """G2's bytes (worker side; None elsewhere): for inspection and fault-injection tests."""
+        return self._worker.host_buffer if self._worker is not None else None
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._worker.start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # whole-block loads finish in start_load_kv, before the forward pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # blocks are offloaded whole, after the forward pass, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        self._worker.wait_for_save(self._meta())
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        self._worker.handle_preemptions()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
+
+    def build_connector_worker_meta(self):
+        return self._worker.build_worker_meta()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._stats_server is not None:
+            self._stats_server.close()
+
+    # -- scheduler side ------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KvbmConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler.request_finished(request, block_ids)
+
+    def has_pending_block_frees(self) -> bool:
+        return self._scheduler is not None and self._scheduler.has_pending_jobs()
+
+    def get_kv_connector_stats(self) -> KvbmConnectorStats | None:
+        if self._scheduler is None:
+            return None
+        return KvbmConnectorStats(data=self._scheduler.stats.to_dict())
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmConnectorStats:
+        return KvbmConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> KvbmPromMetrics:
+        return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def _meta(self) -> KvbmConnectorMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvbmConnectorMetadata)
+        return meta

@@ -1,0 +1,229 @@
+"""Scheduler side of the kvbm connector: lookups, load and offload planning, commits.
+
+Lives in vLLM's engine-core process and imports no device code. It owns the
+:class:`~kvbm.manager.BlockManager` (which blocks G2/G3 hold) and hashes each request's
+tokens with kvbm's chained hashing. Per step, vLLM calls:
+
+    get_num_new_matched_tokens  -> tokens kvbm can load beyond vLLM's own prefix cache
+    update_state_after_alloc    -> plan the load into the blocks vLLM allocated (leases them)
+    build_connector_meta        -> this step's loads, plus offloads of blocks this step fills
+    update_connector_output     -> commit or roll back finished jobs (worker results)
+    request_finished            -> keep a request's blocks while its jobs still run
+
+A request's engine blocks are never freed while one of its jobs runs: request_finished
+returns True and the worker reports the request in ``finished_sending`` once its jobs end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvbm.hashing import BlockExtras, BlockHasher, HashedBlocks
+from kvbm.ids import JobId
+from kvbm.manager import BlockManager
+from kvbm.policy import OffloadPolicy
+from kvbm.stats import KvbmStats
+from kvbm.connectors.vllm.config import ConnectorConfig
+from kvbm.connectors.vllm.engine_layout import block_bytes, check_supported, layout_fingerprint
+from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, RequestLoad
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _RequestState:
+    request: Request
+    blocks: HashedBlocks
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    offered: int = 0  # leading blocks already handed to the offload policy
+    load_start: int = 0  # first block of the planned load
+    jobs: set[JobId] = dataclasses.field(default_factory=set)  # unfinished loads and stores
+
+
+class SchedulerSide:
+    """The connector's scheduler half (see the module docstring)."""
+
+    def __init__(self, config: ConnectorConfig, vllm_config: VllmConfig,
+                 kv_cache_config: KVCacheConfig) -> None:
+        check_supported(vllm_config, kv_cache_config)
+        self._config = config
+        self._block_size = vllm_config.cache_config.block_size
+        self._hasher = BlockHasher(layout_fingerprint(vllm_config))
+        self._manager = BlockManager(config.kvbm, block_size=self._block_size,
+                                     block_bytes=block_bytes(kv_cache_config))
+        self._requests: dict[str, _RequestState] = {}
+        self._job_owner: dict[JobId, str] = {}
+        self._step = KvbmConnectorMetadata()
+        self._stats = self._manager.stats()
+
+    @property
+    def stats(self) -> KvbmStats:
+        """The latest snapshot (refreshed every step; safe to read from another thread)."""
+        return self._stats
+
+    # -- lookups and loads ---------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self._state(request)
+        if state.jobs:
+            return None, False  # a preempted request's old jobs must end before new ones start
+        bs = self._block_size
+        # Leave at least one prompt token to compute: vLLM needs logits for the next token.
+        limit = (request.num_tokens - 1) // bs
+        start = num_computed_tokens // bs
+        if limit <= start:
+            return 0, False
+        match = self._manager.lookup(self._blocks(state, limit)[:limit], start)
+        state.load_start = start
+        blocks = match.num_blocks
+        return blocks * bs, blocks >= self._config.async_load_min_blocks
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if num_external_tokens == 0:
+            return
+        state = self._requests[request.request_id]
+        start, count = state.load_start, num_external_tokens // self._block_size
+        block_ids = blocks.get_block_ids()[0][start : start + count]
+        plan = self._manager.onboard(state.blocks[start : start + count], block_ids)
+        self._own(request.request_id, state, plan.jobs)
+        self._step.loads.append(RequestLoad(
+            req_id=request.request_id, jobs=plan.jobs,
+            missing_block_ids=plan.missing_block_ids.tolist(),
+            asynchronous=count >= self._config.async_load_min_blocks))
+
+    # -- per-step metadata -----------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmConnectorMetadata:
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+                self._offload_computed(new.req_id, state, new.num_computed_tokens + scheduled[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                state.block_ids.extend(new_ids[0])
+            self._offload_computed(req_id, state, cached.num_computed_tokens[i] + scheduled[req_id])
+        meta, self._step = self._step, KvbmConnectorMetadata()
+        return meta
+
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        worker_meta = output.kv_connector_worker_meta
+        if isinstance(worker_meta, KvbmWorkerMetadata):
+            for result in worker_meta.results:
+                self._manager.complete(result)
+                if result.reason:
+                    logger.warning("kvbm job %d failed for %d blocks: %s",
+                                   result.job_id, len(result.failed), result.reason)
+                owner = self._job_owner.pop(result.job_id, None)
+                state = self._requests.get(owner) if owner is not None else None
+                if state is not None:
+                    state.jobs.discard(result.job_id)
+        for req_id in output.finished_sending or ():
+            self._requests.pop(req_id, None)
+        self._stats = self._manager.stats()
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return False, None
+        if self._config.kvbm.offload_policy is OffloadPolicy.ON_EVICTION:
+            # vLLM reports no G1 evictions; a finished request's blocks are the ones it may now
+            # evict, so they are offered here (while still intact) instead.
+            full = min(len(state.blocks), len(state.block_ids))
+            if full:
+                jobs = self._manager.blocks_evicting(state.blocks[:full], state.block_ids[:full])
+                self._own(request.request_id, state, jobs)
+                self._step.stores.extend((request.request_id, job) for job in jobs)
+        if state.jobs:
+            self._step.await_saves.add(request.request_id)
+            return True, None
+        del self._requests[request.request_id]
+        return False, None
+
+    def has_pending_jobs(self) -> bool:
+        return bool(self._job_owner)
+
+    def take_events(self) -> list:
+        return self._manager.take_events()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _offload_computed(self, req_id: str, state: _RequestState, computed_tokens: int) -> None:
+        full = min(computed_tokens // self._block_size, len(state.block_ids))
+        if full <= state.offered:
+            return
+        blocks = self._blocks(state, full)
+        jobs = self._manager.blocks_computed(blocks[state.offered : full], state.block_ids[state.offered : full])
+        state.offered = full
+        self._own(req_id, state, jobs)
+        self._step.stores.extend((req_id, job) for job in jobs)
+
+    def _own(self, req_id: str, state: _RequestState, jobs: list) -> None:
+        for job in jobs:
+            self._job_owner[job.job_id] = req_id
+            state.jobs.add(job.job_id)
+
+    def _state(self, request: Request) -> _RequestState:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            empty = HashedBlocks((), np.zeros((0, self._block_size), dtype=np.int32))
+            state = _RequestState(request=request, blocks=empty)
+            self._requests[request.request_id] = state
+        return state
+
+    def _blocks(self, state: _RequestState, count: int) -> HashedBlocks:
+        """The request's first ``count`` full blocks, hashed (extends the chain as tokens grow)."""
+        have = len(state.blocks)
+        if count <= have:
+            return state.blocks
+        bs, request = self._block_size, state.request
+        tokens = np.asarray(request.all_token_ids[have * bs : count * bs], dtype=np.int32)
+        parent = state.blocks.hashes[-1] if have else None
+        new = self._hasher.hash_prompt(tokens, extras=_extras(request, bs, have), parent=parent)
+        if have:
+            state.blocks = HashedBlocks(state.blocks.hashes + new.hashes,
+                                        np.concatenate([state.blocks.tokens, new.tokens]))
+        else:
+            state.blocks = new
+        return state.blocks
+
+
+def _extras(request: Request, block_size: int, first_block: int) -> dict[int, BlockExtras]:
+    """Per-block hash inputs besides tokens, keyed relative to ``first_block``.
+
+    LoRA adapter and cache salt enter the first block: chaining carries them to every later
+    block. A multimodal item enters the block holding its first placeholder token.
+    """
+    mm: dict[int, list[str]] = {}
+    for feature in getattr(request, "mm_features", None) or ():
+        mm.setdefault(feature.mm_position.offset // block_size, []).append(feature.identifier)
+    lora = request.lora_request.lora_int_id if request.lora_request is not None else None
+    extras: dict[int, BlockExtras] = {}
+    for block in sorted(set(mm) | ({0} if first_block == 0 else set())):
+        if block < first_block:
+            continue
+        first = block == 0
+        extra = BlockExtras(lora_id=lora if first else None, mm_hashes=tuple(mm.get(block, ())),
+                            cache_salt=request.cache_salt if first else None)
+        extras[block - first_block] = extra
+    return extras

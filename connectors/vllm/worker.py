@@ -1,0 +1,159 @@
+"""Worker side of the kvbm connector: registers G1, owns G2's bytes, runs transfer jobs.
+
+Lives in each vLLM worker process. Per step, vLLM calls (with the scheduler's metadata bound):
+
+    start_load_kv     -> submit this step's loads; synchronous ones finish before it returns
+    wait_for_save     -> submit this step's offloads; they run while the next step computes
+    get_finished      -> requests whose async loads, or awaited jobs, have all ended
+    get_block_ids_with_load_errors -> engine blocks that were not filled: vLLM recomputes them
+    build_connector_worker_meta    -> results of finished jobs, for the scheduler to commit
+
+Jobs run in submission order on one transfer thread, so an offload reading a slot always
+finishes before a later job that reuses it. Before vLLM frees preempted requests' blocks
+(``handle_preemptions``), every running job is waited for, so none reads or writes a block
+that changed hands.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvbm.host_copy import host_handlers
+from kvbm.ids import JobId, Tier
+from kvbm.jobs import JobResult, TransferJob
+from kvbm.layout import EngineKV
+from kvbm.tiers.host import HostBuffer
+from kvbm.transfer import TransferEngine
+from kvbm.connectors.vllm.config import ConnectorConfig
+from kvbm.connectors.vllm.engine_layout import block_bytes
+from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    """The connector's worker half (see the module docstring)."""
+
+    def __init__(self, config: ConnectorConfig, kv_cache_config: KVCacheConfig) -> None:
+        self._config = config
+        self._num_blocks = kv_cache_config.num_blocks
+        self._block_bytes = block_bytes(kv_cache_config)
+        self._engine: TransferEngine | None = None
+        self._g2: HostBuffer | None = None
+        self._jobs: dict[JobId, tuple[str, TransferJob]] = {}
+        self._req_jobs: dict[str, set[JobId]] = {}
+        self._async_loads: set[str] = set()
+        self._awaiting: set[str] = set()
+        self._results: list[JobResult] = []
+        self._load_errors: set[int] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Registers vLLM's per-layer KV tensors as G1 and allocates G2 to match."""
+        # vLLM may allocate more blocks than it uses (num_gpu_blocks_override caps the count,
+        # not the tensor); ids past num_blocks never appear in a block table, so they are left out.
+        n, tensors = self._num_blocks, []
+        for name, tensor in kv_caches.items():
+            if tensor.ndim > 2 and tensor.shape[0] == 2 and tensor.shape[1] >= n:
+                tensors.extend((tensor[0, :n], tensor[1, :n]))  # [2, num_blocks, ...]: K and V planes
+            elif tensor.shape[0] >= n:
+                tensors.append(tensor[:n])
+            else:
+                raise ValueError(f"KV cache of layer {name} has shape {tuple(tensor.shape)}; kvbm "
+                                 f"expects a block axis of at least {n} blocks first or second")
+        g1 = EngineKV.from_tensors(tensors)
+        if g1.layout.block_bytes != self._block_bytes:
+            raise ValueError(f"vLLM's KV tensors hold {g1.layout.block_bytes} bytes per block but its "
+                             f"cache config says {self._block_bytes}; kvbm cannot map blocks safely")
+        slots = self._config.kvbm.g2_slots(self._block_bytes)
+        self._g2 = HostBuffer(slots, self._block_bytes, pinned=g1.is_cuda)
+        handlers = host_handlers(g1, self._g2, cuda_staging_bytes=self._config.kvbm.cuda_staging_bytes)
+        self._engine = TransferEngine(handlers, threaded=self._config.kvbm.transfer_thread)
+        logger.info("kvbm: G1 %d blocks of %d bytes on %s, G2 %d slots (%.1f MiB)", g1.num_blocks,
+                    self._block_bytes, g1.device, slots, self._g2.nbytes / 2**20)
+
+    @property
+    def host_buffer(self) -> HostBuffer | None:
+        """G2's bytes (None before ``register_kv_caches``)."""
+        return self._g2
+
+    def start_load_kv(self, meta: KvbmConnectorMetadata) -> None:
+        engine = self._require_engine()
+        synchronous: list[JobId] = []
+        for load in meta.loads:
+            self._load_errors.update(load.missing_block_ids)
+            for job in load.jobs:
+                self._submit(load.req_id, job)
+                if not load.asynchronous:
+                    synchronous.append(job.job_id)
+            if load.asynchronous:
+                self._async_loads.add(load.req_id)
+        if synchronous:
+            engine.wait(synchronous)  # this step's forward pass reads these blocks
+        self._collect()
+
+    def wait_for_save(self, meta: KvbmConnectorMetadata) -> None:
+        self._require_engine()
+        for req_id, job in meta.stores:
+            self._submit(req_id, job)
+        self._awaiting |= meta.await_saves
+
+    def handle_preemptions(self) -> None:
+        if self._engine is not None:
+            self._engine.wait()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._collect()
+        done_saving = {r for r in self._awaiting if not self._req_jobs.get(r)}
+        done_loading = {r for r in self._async_loads if not self._req_jobs.get(r)}
+        self._awaiting -= done_saving
+        self._async_loads -= done_loading
+        for req_id in done_saving | done_loading:
+            self._req_jobs.pop(req_id, None)
+        return done_saving or None, done_loading or None
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def build_worker_meta(self) -> KvbmWorkerMetadata | None:
+        self._collect()
+        if not self._results:
+            return None
+        results, self._results = self._results, []
+        return KvbmWorkerMetadata(results)
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+    def _submit(self, req_id: str, job: TransferJob) -> None:
+        self._jobs[job.job_id] = (req_id, job)
+        self._req_jobs.setdefault(req_id, set()).add(job.job_id)
+        self._require_engine().submit(job)
+
+    def _collect(self) -> None:
+        if self._engine is None:
+            return
+        for result in self._engine.poll():
+            req_id, job = self._jobs.pop(result.job_id)
+            owned = self._req_jobs.get(req_id)
+            if owned is not None:
+                owned.discard(result.job_id)
+                if not owned and req_id not in self._awaiting and req_id not in self._async_loads:
+                    del self._req_jobs[req_id]
+            if job.dst is Tier.G1 and len(result.failed):
+                # Blocks that did not arrive intact: vLLM recomputes them.
+                self._load_errors.update(job.dst_ids[np.asarray(result.failed)].tolist())
+            self._results.append(result)
+
+    def _require_engine(self) -> TransferEngine:
+        if self._engine is None:
+            raise RuntimeError("kvbm connector: register_kv_caches was not called")
+        return self._engine

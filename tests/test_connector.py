@@ -1,0 +1,156 @@
+"""KVBMConnector in real in-process vLLM engines: token-for-token correct, served from G2.
+
+Only the newest in-process engine works (see conftest), so the reference runs first and the
+tests that share ``connector_engine`` come before those that build their own.
+
+The reference is vLLM without the connector, with a G1 large enough to never evict: every
+prompt is run cold once and again from vLLM's own prefix cache. The connector engine has a
+G1 of 80 blocks, so the prompt set (more distinct prefixes than that) keeps evicting, and
+repeats must come back from kvbm's G2.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from conftest import greedy
+from kvbm.errors import ConfigError
+from kvbm.serving.vllm_settings import EngineSettings
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 32
+# float32: bf16 results of a random model shift with batch shape (near-tied logits), and
+# exact-match tests must compare KV paths, not rounding luck (DESIGN.md).
+SMALL_G1 = dict(num_gpu_blocks_override=80, max_model_len=2048, dtype="float32")  # 2,560 tokens
+
+SHARED = "The quick brown fox jumps over the lazy dog while the block manager watches. " * 12
+PROMPTS = (
+    [SHARED + f"Variant number {i} asks something else." for i in range(4)]  # shared prefix
+    + [f"Document {i}: " + ("lorem ipsum dolor sit amet %d " % i) * 45 for i in range(6)]  # distinct
+    + ["A short unique prompt", "def f(x):\n    return x * 2\n"]  # shorter than a block or two
+)
+
+
+def kvbm_config(**extra):
+    return {"kv_connector": "KVBMConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"g2_capacity_blocks": 512, **extra}}
+
+
+def tokens(outputs):
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def g2_stats(llm) -> dict:
+    """Block-pool stats of the engine's scheduler-side connector, through vLLM's stats hook."""
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    return connector.get_kv_connector_stats().data["tiers"]["g2"]
+
+
+@pytest.fixture(scope="module")
+def reference(make_engine, tiny_model):
+    """Greedy tokens of vLLM alone: each prompt's cached path equals its cold path."""
+    llm = make_engine(EngineSettings(model=tiny_model, max_model_len=2048, dtype="float32"))
+    cold = tokens(llm.generate(PROMPTS, greedy()))
+    cached = tokens(llm.generate(PROMPTS, greedy()))
+    assert cached == cold
+    return cold
+
+
+@pytest.fixture(scope="module")
+def connector_engine(make_engine, tiny_model, reference):
+    """Shared by the first tests; later tests build their own engines, which retire it."""
+    return make_engine(EngineSettings(model=tiny_model, kv_transfer_config=kvbm_config(), **SMALL_G1))
+
+
+def test_outputs_equal_vllm_alone_while_g1_keeps_evicting(connector_engine, reference):
+    for _ in range(3):
+        assert tokens(connector_engine.generate(PROMPTS, greedy())) == reference
+    # One prompt at a time: each must find its prefix in G2, G1 having evicted it.
+    assert [tokens(connector_engine.generate([p], greedy()))[0] for p in PROMPTS] == reference
+    stats = g2_stats(connector_engine)
+    assert stats["blocks_onboarded"] > 0 and stats["blocks_offloaded"] > 0
+    assert stats["transfer_failures"] == 0 and stats["checksum_mismatches"] == 0
+
+
+def test_repeated_long_prefix_is_served_from_g2(connector_engine):
+    long_prompt = "Tiered caches keep the hot prefixes close to the engine. " * 60  # ~20+ blocks
+    first = connector_engine.generate([long_prompt], greedy())[0]
+    before = g2_stats(connector_engine)["blocks_onboarded"]
+    # Push the prompt's blocks out of the 80-block G1.
+    connector_engine.generate([f"Filler {i} " + "xyzzy plugh " * 150 for i in range(4)], greedy())
+    again = connector_engine.generate([long_prompt], greedy())[0]
+    onboarded = g2_stats(connector_engine)["blocks_onboarded"] - before
+    assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    prompt_blocks = len(first.prompt_token_ids) // BLOCK
+    assert again.num_cached_tokens >= (prompt_blocks - 1) * BLOCK
+    assert onboarded >= prompt_blocks - 1 - first.num_cached_tokens // BLOCK
+
+
+def test_async_loads_give_the_same_tokens(make_engine, tiny_model, reference):
+    llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
+                                     kv_transfer_config=kvbm_config(async_load_min_blocks=2)))
+    for _ in range(2):
+        assert tokens(llm.generate(PROMPTS, greedy())) == reference
+    assert g2_stats(llm)["blocks_onboarded"] > 0
+
+
+def test_corrupted_g2_bytes_are_recomputed_and_counted(make_engine, tiny_model, reference):
+    config = kvbm_config(verify_g2_reads=True)
+    config["kv_connector"] = "CorruptingG2Connector"
+    config["kv_connector_module_path"] = "fault_connectors"
+    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, **SMALL_G1))
+    for _ in range(2):
+        assert tokens(llm.generate(PROMPTS, greedy())) == reference
+    stats = g2_stats(llm)
+    assert stats["checksum_mismatches"] > 0
+    assert stats["blocks_onboarded"] == 0  # nothing corrupt was passed on
+
+
+def test_failed_loads_are_recomputed(make_engine, tiny_model, reference):
+    config = kvbm_config()
+    config["kv_connector"] = "DroppingLoadsConnector"
+    config["kv_connector_module_path"] = "fault_connectors"
+    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, **SMALL_G1))
+    for _ in range(2):
+        assert tokens(llm.generate(PROMPTS, greedy())) == reference
+    assert g2_stats(llm)["blocks_onboarded"] > 0  # loads happened, and every one was dropped
+
+
+def test_loaded_kv_is_what_the_engine_reads(make_engine, tiny_model, reference):
+    """The control for the tests above: zeroed loads that nobody reports change the output."""
+    config = kvbm_config()
+    config["kv_connector"] = "SilentlyZeroingConnector"
+    config["kv_connector_module_path"] = "fault_connectors"
+    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, **SMALL_G1))
+    llm.generate(PROMPTS, greedy())
+    assert tokens(llm.generate(PROMPTS, greedy())) != reference
+
+
+def test_stats_endpoint_serves_json_and_prometheus(make_engine, tiny_model):
+    llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
+                                     kv_transfer_config=kvbm_config(stats_port=0)))
+    llm.generate(PROMPTS[:2], greedy())
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    base = f"http://127.0.0.1:{connector.stats_port}"
+    with urllib.request.urlopen(base + "/stats", timeout=10) as response:
+        stats = json.load(response)
+    assert stats["tiers"]["g2"]["capacity_blocks"] == 512
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'kvbm_capacity_blocks{tier="g2"} 512' in text
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"g2_capacity_blockz": 10}, "g2_capacity_blockz"),
+    ({"offload_policy": "sometimes"}, "offload_policy"),
+    ({"g2_capacity_blocks": 0}, "g2_capacity_blocks"),
+    ({"async_load_min_blocks": "many"}, "async_load_min_blocks"),
+])
+def test_bad_extra_config_stops_the_engine_with_the_field_named(make_engine, tiny_model, extra, field):
+    config = {"kv_connector": "KVBMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+    with pytest.raises(ConfigError, match=field):
+        make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, **SMALL_G1))
