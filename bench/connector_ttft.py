@@ -1,0 +1,108 @@
+"""TTFT of a long prompt whose prefix kvbm holds in G2, against recompute and a G1 hit.
+
+    python -m bench.connector_ttft [--prompt-tokens 3500] [--repeats 5]
+
+One process, in-process engines on the ``bench`` model (bf16, block 32), used one after the
+other (vLLM's process-wide state allows one live engine):
+
+- vLLM alone: a cold prefill (recompute, the upper bound) and vLLM's own G1 prefix-cache hit
+  (the physical limit), and decode throughput of unique prompts;
+- vLLM + kvbm with a G1 too small to keep the prompt: the prefix is pushed out of G1 by
+  filler prompts, then served from G2; and the same unique-prompt throughput (nothing hits).
+
+TTFT is the wall time of ``generate(max_tokens=1)``. Medians over ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import numpy as np
+
+from kvbm.cpu_features import request_amx_permission
+from kvbm.serving.embedded_model import PRESETS, ensure_model
+from kvbm.serving.vllm_settings import EngineSettings, vllm_env
+
+os.environ.update(vllm_env(in_process=True))
+request_amx_permission()
+
+
+def prompts(rng: np.random.Generator, count: int, length: int) -> list[dict]:
+    vocab = PRESETS["bench"].vocab_size
+    return [{"prompt_token_ids": rng.integers(3, vocab, length).tolist()} for _ in range(count)]
+
+
+def timed(llm, batch, max_tokens=1) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(batch, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=3500)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--throughput-prompts", type=int, default=8)
+    args = parser.parse_args()
+    from vllm import LLM
+
+    model = ensure_model("bench")
+    rng = np.random.default_rng(0)
+    n = args.prompt_tokens
+    base = EngineSettings(model=model, max_model_len=4096)
+
+    llm = LLM(**base.llm_kwargs())
+    timed(llm, prompts(rng, 1, n))  # warm-up
+    cold, g1_hit = [], []
+    for _ in range(args.repeats):
+        prompt = prompts(rng, 1, n)
+        cold.append(timed(llm, prompt))
+        g1_hit.append(timed(llm, prompt))
+    unique = prompts(rng, args.throughput_prompts, 512)
+    plain_tput = timed(llm, unique, max_tokens=64)
+    shutdown(llm)
+
+    kvbm_settings = EngineSettings(
+        model=model, max_model_len=4096, num_gpu_blocks_override=2 * 4096 // 32,
+        kv_transfer_config={"kv_connector": "KVBMConnector", "kv_role": "kv_both",
+                            "kv_connector_extra_config": {"g2_capacity_bytes": "2GiB"}})
+    llm = LLM(**kvbm_settings.llm_kwargs())
+    timed(llm, prompts(rng, 1, n))
+    g2_hit = []
+    for _ in range(args.repeats):
+        prompt = prompts(rng, 1, n)
+        timed(llm, prompt)
+        timed(llm, prompts(rng, 2, 4000))  # evict the prompt's blocks from G1
+        g2_hit.append(timed(llm, prompt))
+    kvbm_tput = timed(llm, prompts(np.random.default_rng(1), 1, 8), max_tokens=1)  # warm
+    kvbm_tput = timed(llm, unique, max_tokens=64)
+    stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
+    shutdown(llm)
+
+    med = statistics.median
+    print(f"bench model, {n}-token prompt, medians of {args.repeats}")
+    print("| path | TTFT ms | vs G1 hit | vs recompute |")
+    print("|---|---:|---:|---:|")
+    for name, values in (("recompute (vLLM cold)", cold), ("vLLM G1 prefix hit", g1_hit), ("kvbm G2 hit", g2_hit)):
+        print(f"| {name} | {med(values) * 1000:.0f} | {med(values) / med(g1_hit):.2f}x | {med(values) / med(cold):.2f}x |")
+    print(f"no-hit throughput: vLLM {plain_tput:.2f} s, vLLM+kvbm {kvbm_tput:.2f} s "
+          f"({(kvbm_tput / plain_tput - 1) * 100:+.1f}%) for {args.throughput_prompts} prompts x 64 tokens")
+    g2 = stats["tiers"]["g2"]
+    print(f"G2: {g2['blocks_onboarded']} blocks onboarded, {g2['blocks_offloaded']} offloaded, "
+          f"hit rate {g2['hit_rate']:.2f}, p50 transfer {g2['latency_p50_s'] * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
