@@ -8,10 +8,13 @@ Lives in each vLLM worker process. Per step, vLLM calls (with the scheduler's me
     get_block_ids_with_load_errors -> engine blocks that were not filled: vLLM recomputes them
     build_connector_worker_meta    -> results of finished jobs, for the scheduler to commit
 
-Jobs run in submission order on one transfer thread, so an offload reading a slot always
-finishes before a later job that reuses it. Before vLLM frees preempted requests' blocks
+Loads and offloads run on two transfer threads, so a load (which a request waits for) never
+queues behind offloads (which nothing waits for). They never touch the same bytes: a slot
+being stored is invisible to lookups until its store commits, a slot being loaded is leased
+and cannot be evicted for a store, and vLLM allocates a load's engine blocks only when no
+running request holds them. Before vLLM frees preempted requests' blocks
 (``handle_preemptions``), every running job is waited for, so none reads or writes a block
-that changed hands.
+that changed hands. On CUDA both kinds share one thread: they share a staging buffer.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class WorkerSide:
         self._config = config
         self._num_blocks = kv_cache_config.num_blocks
         self._block_bytes = block_bytes(kv_cache_config)
-        self._engine: TransferEngine | None = None
+        self._loads: TransferEngine | None = None
+        self._stores: TransferEngine | None = None
         self._g2: HostBuffer | None = None
         self._jobs: dict[JobId, tuple[str, TransferJob]] = {}
         self._req_jobs: dict[str, set[JobId]] = {}
@@ -74,7 +78,9 @@ class WorkerSide:
         slots = self._config.kvbm.g2_slots(self._block_bytes)
         self._g2 = HostBuffer(slots, self._block_bytes, pinned=g1.is_cuda)
         handlers = host_handlers(g1, self._g2, cuda_staging_bytes=self._config.kvbm.cuda_staging_bytes)
-        self._engine = TransferEngine(handlers, threaded=self._config.kvbm.transfer_thread)
+        threaded = self._config.kvbm.transfer_thread
+        self._loads = TransferEngine(handlers, threaded=threaded)
+        self._stores = self._loads if g1.is_cuda else TransferEngine(handlers, threaded=threaded)
         logger.info("kvbm: G1 %d blocks of %d bytes on %s, G2 %d slots (%.1f MiB)", g1.num_blocks,
                     self._block_bytes, g1.device, slots, self._g2.nbytes / 2**20)
 
@@ -84,29 +90,29 @@ class WorkerSide:
         return self._g2
 
     def start_load_kv(self, meta: KvbmConnectorMetadata) -> None:
-        engine = self._require_engine()
+        loads = self._require(self._loads)
         synchronous: list[JobId] = []
         for load in meta.loads:
             self._load_errors.update(load.missing_block_ids)
             for job in load.jobs:
-                self._submit(load.req_id, job)
+                self._submit(loads, load.req_id, job)
                 if not load.asynchronous:
                     synchronous.append(job.job_id)
             if load.asynchronous:
                 self._async_loads.add(load.req_id)
         if synchronous:
-            engine.wait(synchronous)  # this step's forward pass reads these blocks
+            loads.wait(synchronous)  # this step's forward pass reads these blocks
         self._collect()
 
     def wait_for_save(self, meta: KvbmConnectorMetadata) -> None:
-        self._require_engine()
+        stores = self._require(self._stores)
         for req_id, job in meta.stores:
-            self._submit(req_id, job)
+            self._submit(stores, req_id, job)
         self._awaiting |= meta.await_saves
 
     def handle_preemptions(self) -> None:
-        if self._engine is not None:
-            self._engine.wait()
+        for engine in self._engines():
+            engine.wait()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._collect()
@@ -130,18 +136,19 @@ class WorkerSide:
         return KvbmWorkerMetadata(results)
 
     def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
+        for engine in self._engines():
+            engine.close()
 
-    def _submit(self, req_id: str, job: TransferJob) -> None:
+    def _engines(self) -> list[TransferEngine]:
+        return [e for e in {id(e): e for e in (self._loads, self._stores) if e is not None}.values()]
+
+    def _submit(self, engine: TransferEngine, req_id: str, job: TransferJob) -> None:
         self._jobs[job.job_id] = (req_id, job)
         self._req_jobs.setdefault(req_id, set()).add(job.job_id)
-        self._require_engine().submit(job)
+        engine.submit(job)
 
     def _collect(self) -> None:
-        if self._engine is None:
-            return
-        for result in self._engine.poll():
+        for result in [r for engine in self._engines() for r in engine.poll()]:
             req_id, job = self._jobs.pop(result.job_id)
             owned = self._req_jobs.get(req_id)
             if owned is not None:
@@ -153,7 +160,8 @@ class WorkerSide:
                 self._load_errors.update(job.dst_ids[np.asarray(result.failed)].tolist())
             self._results.append(result)
 
-    def _require_engine(self) -> TransferEngine:
-        if self._engine is None:
+    @staticmethod
+    def _require(engine: TransferEngine | None) -> TransferEngine:
+        if engine is None:
             raise RuntimeError("kvbm connector: register_kv_caches was not called")
-        return self._engine
+        return engine
