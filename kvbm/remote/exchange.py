@@ -1,0 +1,99 @@
+"""The side-channel operations kvbm workers speak, client and server halves side by side.
+
+=============  ========================================  ==========================================
+op             request                                   reply
+=============  ========================================  ==========================================
+``metadata``   —                                         ``metadata``: PeerMetadata dict
+``grant``      ``reader``, ``hashes`` (base64 of 16-byte  ``grant``: BlockGrant dict or null,
+               hashes)                                   ``metadata``: PeerMetadata dict
+``published``  ``since``: version or null                ``published``: snapshot or delta dict
+=============  ========================================  ==========================================
+
+Client functions raise :class:`~kvbm.remote.failures.RemoteError` (UNREACHABLE) for anything
+the peer did not answer properly, including a malformed reply.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kvbm.ids import BlockHash
+from kvbm.remote.failures import FailureKind, RemoteError
+from kvbm.remote.metadata import AgentName, BlockGrant, PeerMetadata, join_hashes, split_hashes
+from kvbm.remote.sidechannel import Handler, request
+
+
+def fetch_metadata(address: str, timeout_s: float) -> PeerMetadata:
+    """The metadata of the worker serving ``address``.
+
+    Raises:
+        RemoteError: UNREACHABLE.
+    """
+    reply = request(address, {"op": "metadata"}, timeout_s)
+    return _parse(address, lambda: PeerMetadata.from_dict(reply["metadata"]))
+
+
+def request_grant(
+    address: str, reader: AgentName, hashes: Sequence[BlockHash], timeout_s: float
+) -> tuple[BlockGrant | None, PeerMetadata]:
+    """Ask the worker at ``address`` to lease the longest prefix of ``hashes`` it holds.
+
+    Returns the grant (``None`` when it holds none) and the worker's metadata.
+
+    Raises:
+        RemoteError: UNREACHABLE.
+    """
+    reply = request(address, {"op": "grant", "reader": reader, "hashes": join_hashes(list(hashes))}, timeout_s)
+
+    def parse() -> tuple[BlockGrant | None, PeerMetadata]:
+        raw = reply["grant"]
+        grant = None if raw is None else BlockGrant.from_dict(raw)
+        return grant, PeerMetadata.from_dict(reply["metadata"])
+
+    return _parse(address, parse)
+
+
+def fetch_published(address: str, since: int | None, timeout_s: float) -> dict[str, Any]:
+    """The worker's published hashes: a snapshot, or a delta since version ``since``.
+
+    Raises:
+        RemoteError: UNREACHABLE.
+    """
+    reply = request(address, {"op": "published", "since": since}, timeout_s)
+    return _parse(address, lambda: dict(reply["published"]))
+
+
+def server_handlers(
+    metadata: Callable[[], PeerMetadata],
+    grant: Callable[[AgentName, tuple[BlockHash, ...]], BlockGrant | None],
+    published: Callable[[int | None], dict[str, Any]],
+) -> dict[str, Handler]:
+    """Handlers for :class:`~kvbm.remote.sidechannel.SideChannelServer` over three callables."""
+
+    def on_metadata(req: Mapping[str, Any]) -> dict[str, Any]:
+        return {"metadata": metadata().to_dict()}
+
+    def on_grant(req: Mapping[str, Any]) -> dict[str, Any]:
+        reader = req["reader"]
+        if not isinstance(reader, str) or not reader:
+            raise ValueError("grant needs a reader agent name")
+        hashes = split_hashes(base64.b64decode(req["hashes"]))
+        got = grant(AgentName(reader), hashes)
+        return {"grant": None if got is None else got.to_dict(), "metadata": metadata().to_dict()}
+
+    def on_published(req: Mapping[str, Any]) -> dict[str, Any]:
+        since = req.get("since")
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
+            raise ValueError(f"since must be an int or null, got {since!r}")
+        return {"published": published(since)}
+
+    return {"metadata": on_metadata, "grant": on_grant, "published": on_published}
+
+
+def _parse(address: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteError(FailureKind.UNREACHABLE, f"side channel {address}: malformed reply ({exc!r})") from None
