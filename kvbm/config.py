@@ -9,6 +9,7 @@ sizes may be integers or strings such as ``"8GiB"``, enums are given by value
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,15 @@ _UNITS = {
     "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
 }
 _SIZE_FIELDS = ("g2_capacity_bytes", "cuda_staging_bytes", "g3_capacity_bytes")
+_MAX_IO_THREADS = 64
+
+
+class G3OnMismatch(enum.Enum):
+    """What opening ``g3_dir`` does when the directory was written under another layout
+    fingerprint, block size, capacity or format version: it is never served from."""
+
+    REFUSE = "refuse"  # raise, naming what differs; the files are left alone
+    WIPE = "wipe"  # delete kvbm's own files in the directory and start empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,9 @@ class KvbmConfig:
     cuda_staging_bytes: int = 64 << 20
     g3_dir: str | None = None
     g3_capacity_bytes: int | None = None
+    g3_on_mismatch: G3OnMismatch = G3OnMismatch.REFUSE
+    g3_direct_io: bool = True
+    g3_io_threads: int = 4
 
     def __post_init__(self) -> None:
         if (self.g2_capacity_bytes is None) == (self.g2_capacity_blocks is None):
@@ -60,7 +73,12 @@ class KvbmConfig:
         _check_int("cuda_staging_bytes", self.cuda_staging_bytes, minimum=1)
         if not isinstance(self.offload_policy, OffloadPolicy):
             raise ConfigError("offload_policy", f"expected OffloadPolicy, got {self.offload_policy!r}")
-        for name in ("verify_g2_reads", "transfer_thread"):
+        _check_int("g3_io_threads", self.g3_io_threads, minimum=1)
+        if self.g3_io_threads > _MAX_IO_THREADS:
+            raise ConfigError("g3_io_threads", f"must be <= {_MAX_IO_THREADS}, got {self.g3_io_threads}")
+        if not isinstance(self.g3_on_mismatch, G3OnMismatch):
+            raise ConfigError("g3_on_mismatch", f"expected G3OnMismatch, got {self.g3_on_mismatch!r}")
+        for name in ("verify_g2_reads", "transfer_thread", "g3_direct_io"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"expected a bool, got {getattr(self, name)!r}")
         if self.g3_dir is not None and (not isinstance(self.g3_dir, str) or not self.g3_dir):
@@ -85,7 +103,9 @@ class KvbmConfig:
             if key in _SIZE_FIELDS and value is not None:
                 value = parse_size(key, value)
             elif key == "offload_policy":
-                value = _parse_policy(value)
+                value = _parse_enum(key, OffloadPolicy, value)
+            elif key == "g3_on_mismatch":
+                value = _parse_enum(key, G3OnMismatch, value)
             values[key] = value
         return cls(**values)
 
@@ -93,6 +113,7 @@ class KvbmConfig:
         """The JSON form: ``from_dict(cfg.to_dict()) == cfg``."""
         out = dataclasses.asdict(self)
         out["offload_policy"] = self.offload_policy.value
+        out["g3_on_mismatch"] = self.g3_on_mismatch.value
         return out
 
     def g2_slots(self, block_bytes: int) -> int:
@@ -133,14 +154,15 @@ def parse_size(field: str, value: Any) -> int:
     raise ConfigError(field, f"expected bytes as an int or a string like '8GiB', got {value!r}")
 
 
-def _parse_policy(value: Any) -> OffloadPolicy:
-    if isinstance(value, OffloadPolicy):
+def _parse_enum(field: str, kind: type[enum.Enum], value: Any) -> Any:
+    if isinstance(value, kind):
         return value
     try:
-        return OffloadPolicy(value)
+        return kind(value)
     except ValueError:
-        choices = ", ".join(p.value for p in OffloadPolicy)
-        raise ConfigError("offload_policy", f"unknown policy {value!r}; choose one of {choices}") from None
+        choices = ", ".join(str(p.value) for p in kind)
+        noun = "policy" if kind is OffloadPolicy else "value"
+        raise ConfigError(field, f"unknown {noun} {value!r}; choose one of {choices}") from None
 
 
 def _check_int(field: str, value: Any, *, minimum: int) -> None:

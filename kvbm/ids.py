@@ -26,7 +26,7 @@ class Tier(enum.Enum):
 
     G1 = "g1"  # engine memory: registered by kvbm, never owned
     G2 = "g2"  # kvbm's host buffer of fixed-size slots
-    G3 = "g3"  # local disk slot files (not implemented yet; named so config can validate it)
+    G3 = "g3"  # local disk slot files with an LMDB index (kvbm.tiers.disk_*)
 
     @property
     def depth(self) -> int:

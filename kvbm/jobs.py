@@ -63,10 +63,15 @@ class HandlerOutcome:
     Attributes:
         checksums: xxh3_64 of each destination block, when the destination is a kvbm tier.
         corrupt: positions whose source bytes failed verification (not copied).
+        failed: positions that did not arrive for another reason, e.g. an I/O error on a
+            disk tier (disk full, EIO); with ``corrupt`` they make ``JobResult.failed``.
+        reason: why ``failed`` positions failed.
     """
 
     checksums: np.ndarray | None = None
     corrupt: np.ndarray = dataclasses.field(default_factory=lambda: _NO_INDICES)
+    failed: np.ndarray = dataclasses.field(default_factory=lambda: _NO_INDICES)
+    reason: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ Planning is pure bookkeeping; bytes move only when the caller submits the return
     onboard(blocks, g1_ids)          -> OnboardPlan   # leases the blocks; jobs copy them to G1
     blocks_computed(blocks, g1_ids)  -> [jobs]        # WRITE_THROUGH: offload now
     blocks_evicting(blocks, g1_ids)  -> [jobs]        # either policy: offload what is missing
+    take_jobs()                      -> [jobs]        # G2 -> G3 demotions planned on its own
     complete(result)                                  # commit / roll back / release leases
 
 Between planning and ``complete``: blocks being stored are reserved (never evicted, not yet
@@ -15,88 +16,47 @@ visible to lookup) and blocks being onboarded are leased (never evicted). The en
 a store job's source blocks and an onboard job's destination blocks untouched until the job's
 result arrives. A failed store is rolled back; a failed or corrupt onboard block is reported
 in the result (the engine recomputes it) and a corrupt block is discarded from its tier.
+Submit every list of jobs in its order (the transfer engine runs jobs in submission order).
 
 Integrity: a hash hit whose recorded tokens differ from the prompt's is a miss (counted as a
-token mismatch). Loads from G2 carry the blocks' checksums when ``verify_g2_reads`` is set.
+token mismatch). Loads from G2 carry the blocks' checksums when ``verify_g2_reads`` is set;
+loads from G3 always do.
 
-Tiers are consulted nearest first; today that is G2. A lower tier (G3, peers) plugs in as one
-more :class:`~kvbm.tiers.base.TierIndex` in the lookup order and one more handler pair in the
-transfer engine; this contract does not change. Not thread-safe: call from one thread.
+Tiers are consulted nearest first: G2, then G3 when ``g3_dir`` is set. G3 (``kvbm.cascade``)
+is fed by demotion from G2 under the offload policy. Demotion jobs belong to no request: the
+manager plans them itself (when a G1 -> G2 store commits, or before G2 must evict) and hands
+them out only through ``take_jobs``, which the caller drains every step; each holds a G2 lease
+until its result comes back, so it has no ordering constraint against other jobs. Onboarding
+from G3 goes straight to G1 when G1 is host memory (``g1_on_host``), else G3 -> G2 -> G1 as two
+jobs in one plan, to be submitted in order to one engine. Not thread-safe: call from one
+thread. ``close`` flushes and releases G3's index.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import itertools
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable
 
 import numpy as np
 
+from kvbm.burst_log import BurstLog
+from kvbm.cascade import G3Cascade, Kind, Pending
 from kvbm.config import KvbmConfig
 from kvbm.events import EventLog, KvEvent
-from kvbm.hashing import HashedBlocks
-from kvbm.ids import BlockHash, JobId, Tier
+from kvbm.hashing import HashedBlocks, LayoutFingerprint
+from kvbm.ids import JobId, Tier
 from kvbm.jobs import JobResult, TransferJob
+from kvbm.plans import BlockIds, OnboardPlan, PrefixMatch, block_ids, rows_equal
 from kvbm.policy import FrequencyFilter, OffloadPolicy
 from kvbm.stats import KvbmStats, LatencyWindow, TierCounters, TierStats
 from kvbm.tiers.base import TierIndex
+from kvbm.tiers.disk_index import DiskIndex
 from kvbm.tiers.slot_index import SlotIndex
 
+logger = logging.getLogger(__name__)
 
-@dataclasses.dataclass(frozen=True)
-class PrefixMatch:
-    """Result of ``lookup``: the matched blocks ``[start, start + num_blocks)``.
-
-    Attributes:
-        start: index of the first block looked up (blocks before it are in the engine).
-        tiers: the tier holding each matched block.
-        slots: the slot of each matched block in its tier (int64).
-        block_size: tokens per block.
-    """
-
-    start: int
-    tiers: tuple[Tier, ...]
-    slots: np.ndarray
-    block_size: int
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.tiers)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tiers) * self.block_size
-
-
-@dataclasses.dataclass(frozen=True)
-class OnboardPlan:
-    """Result of ``onboard``.
-
-    Attributes:
-        jobs: transfer jobs into G1, one per source tier.
-        missing_block_ids: engine block ids that nothing will fill (the block left every
-            tier since the lookup, or its tokens no longer match); the engine recomputes them.
-    """
-
-    jobs: list[TransferJob]
-    missing_block_ids: np.ndarray
-
-
-BlockIds = Sequence[int] | np.ndarray
-"""Engine (G1) block ids, one per block, as a list or a 1-D integer array."""
-
-
-class _Direction(enum.Enum):
-    STORE = "store"
-    LOAD = "load"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Pending:
-    direction: _Direction
-    tier: Tier
-    hashes: tuple[BlockHash, ...]
+__all__ = ["BlockIds", "BlockManager", "OnboardPlan", "PrefixMatch"]
 
 
 class BlockManager:
@@ -109,32 +69,60 @@ class BlockManager:
         block_size: int,
         block_bytes: int,
         job_ids: Callable[[], int] | None = None,
+        fingerprint: LayoutFingerprint | None = None,
+        g1_on_host: bool = True,
     ) -> None:
         """Build the tiers named by ``config`` for blocks of ``block_size`` tokens and
         ``block_bytes`` bytes. ``job_ids`` hands out job ids (default 1, 2, 3, ...).
 
+        Args:
+            fingerprint: the engine's layout; required when ``config.g3_dir`` is set (a G3
+                directory written under another fingerprint is never served from).
+            g1_on_host: G1 is host memory, so G3 blocks onboard straight into it; set False
+                for a GPU engine (G3 -> G2 -> G1).
+
         Raises:
-            ValueError: ``block_size`` or ``block_bytes`` is not positive.
-            ConfigError: G2's byte capacity cannot hold one block.
-            NotImplementedError: ``config`` asks for the G3 disk tier.
+            ValueError: ``block_size`` or ``block_bytes`` is not positive; ``g3_dir`` without a
+                ``fingerprint``, or one for another block size.
+            ConfigError: G2's or G3's byte capacity cannot hold one block.
+            G3LayoutError: the G3 directory is refused or owned by another process.
         """
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if config.g3_dir is not None:
-            raise NotImplementedError("the G3 disk tier (g3_dir) is not implemented yet")
+            if fingerprint is None:
+                raise ValueError(
+                    "config.g3_dir is set: pass BlockManager(..., fingerprint=LayoutFingerprint(...)) "
+                    "so the G3 directory can be checked against the engine's layout"
+                )
+            if fingerprint.block_size != block_size:
+                raise ValueError(f"fingerprint.block_size {fingerprint.block_size} != block_size {block_size}")
         self._block_size = block_size
         self._block_bytes = block_bytes
         slots = config.g2_slots(block_bytes)
         self._events = EventLog(config.event_buffer)
         self._g2 = SlotIndex(Tier.G2, slots, block_size, self._events)
-        self._tiers: tuple[TierIndex, ...] = (self._g2,)
+        self._g3: DiskIndex | None = None
+        if config.g3_dir is not None:
+            assert fingerprint is not None
+            self._g3 = DiskIndex.open(config, fingerprint, block_bytes, self._events)
+        self._tiers: tuple[TierIndex, ...] = (self._g2,) if self._g3 is None else (self._g2, self._g3)
         self._policy = config.offload_policy
         self._filter = FrequencyFilter(config.offload_min_hits, window=max(1024, 4 * slots))
         self._verify = {Tier.G2: config.verify_g2_reads}
+        self._g1_on_host = g1_on_host
         self._counters = {t.tier: TierCounters() for t in self._tiers}
         self._latency = {t.tier: LatencyWindow(config.latency_window) for t in self._tiers}
-        self._pending: dict[JobId, _Pending] = {}
+        self._pending: dict[JobId, Pending] = {}
         self._job_ids = job_ids or itertools.count(1).__next__
+        self._failures = BurstLog(logger, "kvbm transfer failures")
+        self._cascade: G3Cascade | None = None
+        if self._g3 is not None:
+            self._counters[Tier.G3].dropped_on_open = self._g3.dropped_on_open
+            self._cascade = G3Cascade(
+                self._g2, self._g3, config, pending=self._pending, counters=self._counters,
+                new_job_id=self._new_job_id, block_bytes=block_bytes, failures=self._failures,
+            )
 
     @property
     def block_size(self) -> int:
@@ -169,13 +157,18 @@ class BlockManager:
         self._filter.note(blocks.hashes)
         pos, tiers, parts = start, [], []
         while pos < n:
-            for index in self._tiers:
+            for depth, index in enumerate(self._tiers):
                 slots = index.match_prefix(blocks.hashes, pos)
                 if len(slots):
                     break
             else:
                 break
-            same = _rows_equal(index.tokens(slots), blocks.tokens[pos : pos + len(slots)])
+            if depth:  # end the run where a nearer tier takes over
+                nearer = self._tiers[:depth]
+                run = blocks.hashes[pos : pos + len(slots)]
+                cut = next((i for i, h in enumerate(run) if any(h in t for t in nearer)), len(run))
+                slots = slots[:cut]
+            same = rows_equal(index.tokens(slots), blocks.tokens[pos : pos + len(slots)])
             agreed = len(slots) if same.all() else int(np.argmin(same))
             tiers += [index.tier] * agreed
             parts.append(slots[:agreed])
@@ -204,7 +197,7 @@ class BlockManager:
             ValueError: wrong block size, or ids that are not one non-negative int per block.
         """
         self._check_blocks(blocks)
-        ids = _block_ids(g1_block_ids, len(blocks))
+        ids = block_ids(g1_block_ids, len(blocks))
         left = np.ones(len(blocks), dtype=bool)
         jobs = []
         for index in self._tiers:
@@ -215,19 +208,25 @@ class BlockManager:
             # Every hash here is committed, so the "prefix" is all of them: their slots.
             slots = index.match_prefix([blocks.hashes[i] for i in positions])
             assert len(slots) == len(pos), "committed hashes must match"
-            same = _rows_equal(index.tokens(slots), blocks.tokens[pos])
+            same = rows_equal(index.tokens(slots), blocks.tokens[pos])
             if not same.all():
                 self._counters[index.tier].token_mismatches += int((~same).sum())
                 pos = pos[same]
                 if not len(pos):
                     continue
-            left[pos] = False
             hashes = tuple(blocks.hashes[i] for i in pos.tolist())
+            if index.tier is Tier.G3 and not self._g1_on_host:
+                assert self._cascade is not None
+                hop_jobs, carried = self._cascade.onboard_via_g2(hashes, blocks.tokens[pos], ids[pos])
+                left[pos[carried]] = False
+                jobs += hop_jobs
+                continue
+            left[pos] = False
             slots = index.prepare_load(hashes)
             index.touch(hashes)
             expected = index.checksums(slots) if self._verify.get(index.tier, True) else None
-            job = TransferJob(JobId(self._job_ids()), index.tier, Tier.G1, slots, ids[pos], hashes, expected)
-            self._pending[job.job_id] = _Pending(_Direction.LOAD, index.tier, hashes)
+            job = TransferJob(self._new_job_id(), index.tier, Tier.G1, slots, ids[pos], hashes, expected)
+            self._pending[job.job_id] = Pending(Kind.ONBOARD, index.tier, hashes)
             jobs.append(job)
         return OnboardPlan(jobs, ids[left])
 
@@ -239,7 +238,7 @@ class BlockManager:
             ValueError: wrong block size, or ids that are not one non-negative int per block.
         """
         self._check_blocks(blocks)
-        ids = _block_ids(g1_block_ids, len(blocks))
+        ids = block_ids(g1_block_ids, len(blocks))
         if self._policy is not OffloadPolicy.WRITE_THROUGH:
             return []
         return self._offload(blocks, ids)
@@ -247,12 +246,13 @@ class BlockManager:
     def blocks_evicting(self, blocks: HashedBlocks, g1_block_ids: BlockIds) -> list[TransferJob]:
         """The engine is about to drop ``blocks`` (still intact in ``g1_block_ids``). Returns
         the jobs offloading those that pass the filter and are not stored yet (any policy).
+        With G3 under ON_EVICTION this may also queue demotions for ``take_jobs``.
 
         Raises:
             ValueError: wrong block size, or ids that are not one non-negative int per block.
         """
         self._check_blocks(blocks)
-        return self._offload(blocks, _block_ids(g1_block_ids, len(blocks)))
+        return self._offload(blocks, block_ids(g1_block_ids, len(blocks)))
 
     def complete(self, result: JobResult) -> None:
         """Apply a finished job: commit or roll back stores, release leases, discard corrupt
@@ -272,33 +272,48 @@ class BlockManager:
         if not np.isin(corrupt, failed).all():
             raise ValueError(f"job {result.job_id}: corrupt positions must also be failed positions")
         del self._pending[result.job_id]
-        index = next(t for t in self._tiers if t.tier is pending.tier)
         counters = self._counters[pending.tier]
         ok = np.ones(n, dtype=bool)
         ok[failed] = False
-        storing = pending.direction is _Direction.STORE
-        if storing and (result.checksums is None or len(result.checksums) != n):
+        if pending.kind is Kind.OFFLOAD and (result.checksums is None or len(result.checksums) != n):
             ok[:] = False  # a store without its checksums cannot be verified later: fail closed
-        good = tuple(h for h, keep in zip(pending.hashes, ok.tolist()) if keep)
         counters.transfers += 1
         counters.transfer_failures += int(not ok.all())
+        counters.io_errors += int((~ok).sum()) - len(corrupt)
         self._latency[pending.tier].add(result.duration_s)
-        if storing:
-            bad = tuple(h for h, keep in zip(pending.hashes, ok.tolist()) if not keep)
-            if bad:
-                index.abort_store(bad)
-            if good:
-                assert result.checksums is not None
-                index.complete_store(good, np.asarray(result.checksums)[ok])
-            counters.blocks_offloaded += len(good)
-            counters.bytes_offloaded += len(good) * self._block_bytes
-            return
-        index.complete_load(pending.hashes)
-        if len(corrupt):
-            index.discard([pending.hashes[i] for i in corrupt.tolist()])
-            counters.checksum_mismatches += len(corrupt)
-        counters.blocks_onboarded += len(good)
-        counters.bytes_onboarded += len(good) * self._block_bytes
+        if not ok.all():
+            self._failures.report(int((~ok).sum()), f"{pending.kind.value} via {pending.tier.name}: {result.reason}")
+        if pending.kind is Kind.OFFLOAD:
+            self._complete_offload(pending, result, ok)
+        elif pending.kind is Kind.ONBOARD:
+            self._complete_onboard(pending, ok, corrupt)
+        elif pending.kind is Kind.DEMOTE:
+            assert self._cascade is not None
+            self._cascade.complete_demote(pending, result, ok, corrupt)
+        else:
+            assert self._cascade is not None
+            moved = self._cascade.complete_promote(pending, result, ok, corrupt)
+            counters.blocks_onboarded += moved
+            counters.bytes_onboarded += moved * self._block_bytes
+
+    def take_jobs(self) -> list[TransferJob]:
+        """Jobs the manager planned on its own since the last call: G2 -> G3 demotions, in
+        planning order. Call every step and submit them; complete their results like any
+        other. Each holds a G2 lease until its result comes back, so a caller that never
+        drains them leaves G2 filling up with leased blocks. Empty without G3."""
+        return self._cascade.take_jobs() if self._cascade is not None else []
+
+    def close(self) -> None:
+        """Flush G3's index (recency, evictions) and release its directory. Idempotent; the
+        manager must not be used afterwards when it has a G3 tier."""
+        if self._g3 is not None:
+            self._g3.close()
+
+    def __enter__(self) -> BlockManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def touch(self, blocks: HashedBlocks) -> None:
         """Mark ``blocks`` most recently used in every tier holding them (e.g. an engine hit)."""
@@ -307,24 +322,12 @@ class BlockManager:
 
     def stats(self) -> KvbmStats:
         """A snapshot of every tier."""
-        tiers = []
-        for index in self._tiers:
-            usage, c, lat = index.usage(), self._counters[index.tier], self._latency[index.tier]
-            tiers.append(
-                TierStats(
-                    tier=index.tier,
-                    capacity_blocks=usage.capacity_blocks,
-                    capacity_bytes=usage.capacity_blocks * self._block_bytes,
-                    used_blocks=usage.used_blocks,
-                    pinned_blocks=usage.pinned_blocks,
-                    evictions=usage.evictions,
-                    latency_count=lat.count,
-                    latency_sum_s=lat.total_s,
-                    latency_p50_s=lat.quantile(0.5),
-                    latency_p99_s=lat.quantile(0.99),
-                    **dataclasses.asdict(c),
-                )
+        tiers = [
+            TierStats.snapshot(
+                index.tier, index.usage(), self._counters[index.tier], self._latency[index.tier], self._block_bytes
             )
+            for index in self._tiers
+        ]
         return KvbmStats(tuple(tiers), pending_jobs=len(self._pending), events_dropped=self._events.dropped)
 
     def take_events(self) -> list[KvEvent]:
@@ -337,30 +340,50 @@ class BlockManager:
             keep = np.array([self._filter.passes(h) for h in hashes], dtype=bool)
             hashes = tuple(h for h, k in zip(hashes, keep.tolist()) if k)
             tokens, ids = tokens[keep], ids[keep]
-        reservation = self._g2.prepare_store(hashes, tokens)
+        limit = self._cascade.g2_evictions(hashes) if self._cascade is not None else None
+        reservation = self._g2.prepare_store(hashes, tokens, max_evictions=limit)
         if not len(reservation):
             return []
         src_ids = ids[reservation.indices]
-        job = TransferJob(JobId(self._job_ids()), Tier.G1, Tier.G2, src_ids, reservation.slots, reservation.hashes)
-        self._pending[job.job_id] = _Pending(_Direction.STORE, Tier.G2, reservation.hashes)
+        job = TransferJob(self._new_job_id(), Tier.G1, Tier.G2, src_ids, reservation.slots, reservation.hashes)
+        self._pending[job.job_id] = Pending(Kind.OFFLOAD, Tier.G2, reservation.hashes)
         return [job]
+
+    def _complete_offload(self, pending: Pending, result: JobResult, ok: np.ndarray) -> None:
+        good = tuple(h for h, keep in zip(pending.hashes, ok.tolist()) if keep)
+        bad = tuple(h for h, keep in zip(pending.hashes, ok.tolist()) if not keep)
+        if bad:
+            self._g2.abort_store(bad)
+        if good:
+            assert result.checksums is not None
+            self._g2.complete_store(good, np.asarray(result.checksums)[ok])
+        counters = self._counters[Tier.G2]
+        counters.blocks_offloaded += len(good)
+        counters.bytes_offloaded += len(good) * self._block_bytes
+        if self._cascade is not None:
+            self._cascade.committed_to_g2(good)
+
+    def _complete_onboard(self, pending: Pending, ok: np.ndarray, corrupt: np.ndarray) -> None:
+        index = next(t for t in self._tiers if t.tier is pending.tier)
+        counters = self._counters[pending.tier]
+        if pending.hop is None:
+            index.complete_load(pending.hashes)
+            bad = [pending.hashes[i] for i in corrupt.tolist()]
+        else:  # the G2 -> G1 hop of a G3 onboarding
+            assert self._cascade is not None
+            bad = self._cascade.complete_second_hop(pending, corrupt)
+        if bad:
+            index.discard(bad)
+            counters.checksum_mismatches += len(bad)
+        good = int(ok.sum())
+        counters.blocks_onboarded += good
+        counters.bytes_onboarded += good * self._block_bytes
+
+    def _new_job_id(self) -> JobId:
+        return JobId(self._job_ids())
 
     def _check_blocks(self, blocks: HashedBlocks) -> None:
         if not isinstance(blocks, HashedBlocks):
             raise TypeError(f"expected HashedBlocks, got {type(blocks).__name__}")
         if blocks.block_size != self._block_size:
             raise ValueError(f"blocks of {blocks.block_size} tokens; this manager uses {self._block_size}")
-
-
-def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a == b).all(axis=1)
-
-
-def _block_ids(ids: BlockIds, n: int) -> np.ndarray:
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or len(arr) != n or (arr.size and arr.dtype.kind not in "iu"):
-        raise ValueError(f"expected {n} integer engine block ids, got {arr.dtype} {arr.shape}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size and int(arr.min()) < 0:
-        raise ValueError("engine block ids must be non-negative")
-    return arr

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.ids import Tier
+from kvbm.tiers.base import TierUsage
 
 
 class LatencyWindow:
@@ -56,6 +57,8 @@ class TierCounters:
     transfer_failures: int = 0
     token_mismatches: int = 0
     checksum_mismatches: int = 0
+    io_errors: int = 0
+    dropped_on_open: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,12 @@ class TierStats:
 
     ``blocks_offloaded`` counts blocks committed into this tier; ``blocks_onboarded`` counts
     blocks read out of it towards the engine. A transfer job counts for the tier further from
-    the engine (G1→G2 and G2→G1 both count for G2).
+    the engine (G1→G2 and G2→G1 both count for G2; G2→G3 and G3→G2/G1 count for G3).
+
+    ``io_errors`` counts blocks that failed to move to or from the tier for another reason than
+    a checksum mismatch (disk full, EIO, a failed job, an index write). ``dropped_on_open``
+    counts index records a persistent tier dropped at startup because they could not name
+    intact bytes.
     """
 
     tier: Tier
@@ -87,6 +95,27 @@ class TierStats:
     latency_sum_s: float
     latency_p50_s: float | None
     latency_p99_s: float | None
+    io_errors: int = 0
+    dropped_on_open: int = 0
+
+    @classmethod
+    def snapshot(
+        cls, tier: Tier, usage: TierUsage, counters: TierCounters, latency: LatencyWindow, block_bytes: int
+    ) -> TierStats:
+        """The stats of ``tier`` now, from its occupancy, counters and latency window."""
+        return cls(
+            tier=tier,
+            capacity_blocks=usage.capacity_blocks,
+            capacity_bytes=usage.capacity_blocks * block_bytes,
+            used_blocks=usage.used_blocks,
+            pinned_blocks=usage.pinned_blocks,
+            evictions=usage.evictions,
+            latency_count=latency.count,
+            latency_sum_s=latency.total_s,
+            latency_p50_s=latency.quantile(0.5),
+            latency_p99_s=latency.quantile(0.99),
+            **dataclasses.asdict(counters),
+        )
 
     @property
     def hit_rate(self) -> float:
@@ -169,6 +198,8 @@ _METRICS = (  # (name, type, help, TierStats field)
     ("transfer_failures_total", "counter", "Transfer jobs with at least one failed block.", "transfer_failures"),
     ("token_mismatches_total", "counter", "Hash hits with other tokens (served as misses).", "token_mismatches"),
     ("checksum_mismatches_total", "counter", "Blocks that failed checksum verification.", "checksum_mismatches"),
+    ("io_errors_total", "counter", "Blocks that failed to move for another reason (disk full, EIO, lost job).", "io_errors"),
+    ("dropped_on_open_total", "counter", "Index records dropped at startup (damaged or foreign).", "dropped_on_open"),
 )
 
 

@@ -8,7 +8,8 @@ Contract:
 
 Jobs run one at a time in submission order, so a job that reuses a slot another job reads
 from (eviction followed by a store) is safe when submitted after it. A handler that raises
-fails its whole job with the exception as the reason; the engine keeps running.
+fails its whole job with the exception as the reason; the engine keeps running. A handler that
+loses only some blocks (a disk error) reports them in ``HandlerOutcome.failed``.
 
 Why one background thread: numpy releases the GIL while copying, so copies overlap with the
 engine's own work, and one thread keeps jobs ordered and leaves the other cores to the engine
@@ -137,15 +138,18 @@ class TransferEngine:
         except Exception as exc:  # a failed job says why; the thread must survive it
             return self._failure(job, start, exc)
         corrupt = np.asarray(outcome.corrupt, dtype=np.int64)
-        reason = None
+        other = np.asarray(outcome.failed, dtype=np.int64)
+        reasons = []
         if len(corrupt):
-            reason = f"checksum mismatch in {len(corrupt)} of {job.num_blocks} blocks"
+            reasons.append(f"checksum mismatch in {len(corrupt)} of {job.num_blocks} blocks")
+        if len(other):
+            reasons.append(f"{len(other)} of {job.num_blocks} blocks failed: {outcome.reason or 'unknown error'}")
         return JobResult(
             job_id=job.job_id,
-            failed=corrupt,
+            failed=np.union1d(corrupt, other) if len(other) else corrupt,
             corrupt=corrupt,
             checksums=outcome.checksums,
-            reason=reason,
+            reason="; ".join(reasons) or None,
             duration_s=self._clock() - start,
         )
 

@@ -130,6 +130,51 @@ def test_loaded_kv_is_what_the_engine_reads(make_engine, tiny_model, reference):
     assert tokens(llm.generate(PROMPTS, greedy())) != reference
 
 
+def g3_config(directory, **extra):
+    # G2 of 48 blocks: a few prompts' worth, so after G1 and G2 evict, repeats come from G3.
+    return kvbm_config(g2_capacity_blocks=48, g3_dir=str(directory), g3_capacity_bytes="64MiB", **extra)
+
+
+def tier_stats(llm, tier: str) -> dict:
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    return connector.get_kv_connector_stats().data["tiers"][tier]
+
+
+def test_prefix_is_served_from_g3_after_an_engine_restart(make_engine, tiny_model, reference, tmp_path):
+    settings = EngineSettings(model=tiny_model, kv_transfer_config=g3_config(tmp_path / "g3"), **SMALL_G1)
+    llm = make_engine(settings)
+    assert tokens(llm.generate(PROMPTS, greedy())) == reference
+    llm.generate(["flush"], greedy(1))  # one more step brings the last demotions' results home
+    assert tier_stats(llm, "g3")["blocks_offloaded"] > 0
+
+    restarted = make_engine(settings)  # the first engine is shut down: its G3 index is flushed
+    outputs = [restarted.generate([p], greedy())[0] for p in PROMPTS]
+    assert tokens(outputs) == reference
+    g3 = tier_stats(restarted, "g3")
+    assert g3["blocks_onboarded"] > 0 and g3["checksum_mismatches"] == 0
+    # Demotions run behind offloads and G2 may be full of blocks still being demoted (a store
+    # then takes fewer blocks), so not every block reaches G3; most long prompts' do.
+    long_prompts = [out for out in outputs if len(out.prompt_token_ids) >= 4 * BLOCK]
+    assert sum(out.num_cached_tokens >= 4 * BLOCK for out in long_prompts) >= len(long_prompts) // 2
+
+
+def test_corrupted_g3_files_are_recomputed_and_counted(make_engine, tiny_model, reference, tmp_path):
+    directory = tmp_path / "g3"
+    settings = EngineSettings(model=tiny_model, kv_transfer_config=g3_config(directory), **SMALL_G1)
+    llm = make_engine(settings)
+    llm.generate(PROMPTS, greedy())
+    llm.generate(["flush"], greedy(1))
+    make_engine(EngineSettings(model=tiny_model, max_model_len=2048, dtype="float32"))  # release G3
+    for slot_file in directory.glob("slots-*.bin"):  # flip one byte in every 4 KiB of every slot
+        data = bytearray(slot_file.read_bytes())
+        data[100::4096] = bytes(b ^ 0xFF for b in data[100::4096])
+        slot_file.write_bytes(data)
+    restarted = make_engine(settings)
+    assert [tokens(restarted.generate([p], greedy()))[0] for p in PROMPTS] == reference
+    g3 = tier_stats(restarted, "g3")
+    assert g3["checksum_mismatches"] > 0 and g3["blocks_onboarded"] == 0
+
+
 def test_stats_endpoint_serves_json_and_prometheus(make_engine, tiny_model):
     llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
                                      kv_transfer_config=kvbm_config(stats_port=0)))

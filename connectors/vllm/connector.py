@@ -56,7 +56,7 @@ class KVBMConnector(KVConnectorBase_V1):
         else:
             from kvbm.connectors.vllm.worker import WorkerSide
 
-            self._worker = WorkerSide(self._config, kv_cache_config)
+            self._worker = WorkerSide(self._config, vllm_config, kv_cache_config)
 
     @property
     def stats_port(self) -> int | None:
@@ -100,6 +100,8 @@ class KVBMConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
         if self._stats_server is not None:
             self._stats_server.close()
 

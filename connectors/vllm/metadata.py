@@ -42,13 +42,14 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
 
     Attributes:
         loads: loads to start this step.
-        stores: ``(req_id, job)`` offloads to start after this step's forward pass.
+        stores: ``(req_id, job)`` offloads to start after this step's forward pass;
+            ``req_id`` is None for G2 -> G3 demotions, which no request waits for.
         await_saves: finished requests whose blocks vLLM keeps until the worker reports
             their stores done (``finished_sending``).
     """
 
     loads: list[RequestLoad] = dataclasses.field(default_factory=list)
-    stores: list[tuple[str, TransferJob]] = dataclasses.field(default_factory=list)
+    stores: list[tuple[str | None, TransferJob]] = dataclasses.field(default_factory=list)
     await_saves: set[str] = dataclasses.field(default_factory=set)
 
 

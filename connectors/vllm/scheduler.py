@@ -60,9 +60,11 @@ class SchedulerSide:
         check_supported(vllm_config, kv_cache_config)
         self._config = config
         self._block_size = vllm_config.cache_config.block_size
-        self._hasher = BlockHasher(layout_fingerprint(vllm_config))
-        self._manager = BlockManager(config.kvbm, block_size=self._block_size,
-                                     block_bytes=block_bytes(kv_cache_config))
+        fingerprint = layout_fingerprint(vllm_config)
+        self._hasher = BlockHasher(fingerprint)
+        self._manager = BlockManager(
+            config.kvbm, block_size=self._block_size, block_bytes=block_bytes(kv_cache_config),
+            fingerprint=fingerprint, g1_on_host=vllm_config.device_config.device_type == "cpu")
         self._requests: dict[str, _RequestState] = {}
         self._job_owner: dict[JobId, str] = {}
         self._step = KvbmConnectorMetadata()
@@ -123,6 +125,8 @@ class SchedulerSide:
             elif new_ids:
                 state.block_ids.extend(new_ids[0])
             self._offload_computed(req_id, state, cached.num_computed_tokens[i] + scheduled[req_id])
+        # G2 -> G3 demotions belong to no request: nothing waits for them.
+        self._step.stores.extend((None, job) for job in self._manager.take_jobs())
         meta, self._step = self._step, KvbmConnectorMetadata()
         return meta
 
@@ -165,6 +169,10 @@ class SchedulerSide:
 
     def take_events(self) -> list:
         return self._manager.take_events()
+
+    def shutdown(self) -> None:
+        """Flushes G3's index and releases its directory."""
+        self._manager.close()
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvbm.disk_copy import DiskHandlers, disk_handlers
 from kvbm.host_copy import host_handlers
 from kvbm.ids import JobId, Tier
 from kvbm.jobs import JobResult, TransferJob
@@ -31,11 +32,12 @@ from kvbm.layout import EngineKV
 from kvbm.tiers.host import HostBuffer
 from kvbm.transfer import TransferEngine
 from kvbm.connectors.vllm.config import ConnectorConfig
-from kvbm.connectors.vllm.engine_layout import block_bytes
+from kvbm.connectors.vllm.engine_layout import block_bytes, layout_fingerprint
 from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata
 
 if TYPE_CHECKING:
     import torch
+    from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = logging.getLogger(__name__)
@@ -44,14 +46,16 @@ logger = logging.getLogger(__name__)
 class WorkerSide:
     """The connector's worker half (see the module docstring)."""
 
-    def __init__(self, config: ConnectorConfig, kv_cache_config: KVCacheConfig) -> None:
+    def __init__(self, config: ConnectorConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         self._config = config
+        self._vllm_config = vllm_config
         self._num_blocks = kv_cache_config.num_blocks
         self._block_bytes = block_bytes(kv_cache_config)
         self._loads: TransferEngine | None = None
         self._stores: TransferEngine | None = None
+        self._disk: DiskHandlers | None = None
         self._g2: HostBuffer | None = None
-        self._jobs: dict[JobId, tuple[str, TransferJob]] = {}
+        self._jobs: dict[JobId, tuple[str | None, TransferJob]] = {}
         self._req_jobs: dict[str, set[JobId]] = {}
         self._async_loads: set[str] = set()
         self._awaiting: set[str] = set()
@@ -77,7 +81,12 @@ class WorkerSide:
                              f"cache config says {self._block_bytes}; kvbm cannot map blocks safely")
         slots = self._config.kvbm.g2_slots(self._block_bytes)
         self._g2 = HostBuffer(slots, self._block_bytes, pinned=g1.is_cuda)
-        handlers = host_handlers(g1, self._g2, cuda_staging_bytes=self._config.kvbm.cuda_staging_bytes)
+        handlers = dict(host_handlers(g1, self._g2, cuda_staging_bytes=self._config.kvbm.cuda_staging_bytes))
+        if self._config.kvbm.g3_dir is not None:
+            # The slot files; the scheduler holds G3's index over the same directory.
+            self._disk = disk_handlers(self._config.kvbm, self._g2, None if g1.is_cuda else g1,
+                                       fingerprint=layout_fingerprint(self._vllm_config))
+            handlers.update(self._disk)
         threaded = self._config.kvbm.transfer_thread
         self._loads = TransferEngine(handlers, threaded=threaded)
         self._stores = self._loads if g1.is_cuda else TransferEngine(handlers, threaded=threaded)
@@ -138,13 +147,16 @@ class WorkerSide:
     def shutdown(self) -> None:
         for engine in self._engines():
             engine.close()
+        if self._disk is not None:
+            self._disk.close()
 
     def _engines(self) -> list[TransferEngine]:
         return [e for e in {id(e): e for e in (self._loads, self._stores) if e is not None}.values()]
 
-    def _submit(self, engine: TransferEngine, req_id: str, job: TransferJob) -> None:
+    def _submit(self, engine: TransferEngine, req_id: str | None, job: TransferJob) -> None:
         self._jobs[job.job_id] = (req_id, job)
-        self._req_jobs.setdefault(req_id, set()).add(job.job_id)
+        if req_id is not None:
+            self._req_jobs.setdefault(req_id, set()).add(job.job_id)
         engine.submit(job)
 
     def _collect(self) -> None:

@@ -1,7 +1,7 @@
 """In-memory TierIndex: hash → slot map, LRU order, leases, two-phase store.
 
-G2 uses it as is; a persistent tier (G3) can wrap it and mirror commits and removals into its
-on-disk index. Per-slot scalars live in Python lists (cheaper than numpy for one element at a
+G2 uses it as is; the disk tier (``kvbm.tiers.disk_index``) wraps it, mirrors commits and
+removals into LMDB, and rebuilds it at startup with ``adopt``. Per-slot scalars live in Python lists (cheaper than numpy for one element at a
 time); token rows and checksums live in numpy arrays indexed by slot, so batched reads of a
 prefix are one fancy-index each.
 
@@ -98,7 +98,11 @@ class SlotIndex(TierIndex):
     def checksums(self, slots: np.ndarray) -> np.ndarray:
         return self._checksums[slots]
 
-    def prepare_store(self, hashes: Sequence[BlockHash], tokens: np.ndarray) -> StoreReservation:
+    def prepare_store(
+        self, hashes: Sequence[BlockHash], tokens: np.ndarray, *, max_evictions: int | None = None
+    ) -> StoreReservation:
+        """TierIndex.prepare_store; ``max_evictions`` caps the blocks evicted for this call
+        (room running out then leaves the tail of the request out, as usual)."""
         if tokens.dtype != TOKEN_DTYPE or tokens.shape != (len(hashes), self._block_size):
             raise ValueError(
                 f"tokens must be int32 [{len(hashes)}, {self._block_size}], got {tokens.dtype} {tokens.shape}"
@@ -110,7 +114,10 @@ class SlotIndex(TierIndex):
             for i in wanted:
                 first.setdefault(hashes[i], i)
             wanted = list(first.values())
-        evicted = self._evict(len(wanted) - len(self._free), protected=set(hashes))
+        need = len(wanted) - len(self._free)
+        if max_evictions is not None:
+            need = min(need, max_evictions)
+        evicted = self._evict(need, protected=set(hashes))
         free, state = self._free, self._state
         wanted = wanted[: len(free)]
         k = len(wanted)
@@ -198,9 +205,48 @@ class SlotIndex(TierIndex):
         self._events.emit(BlockRemoved(self._tier, tuple(removed)))
         return len(removed)
 
-    def _evict(self, count: int, protected: set[BlockHash]) -> tuple[BlockHash, ...]:
+    def eviction_candidates(self, count: int, exclude: Sequence[BlockHash] = ()) -> tuple[BlockHash, ...]:
+        """The next ``count`` blocks ``prepare_store`` would evict (oldest first), skipping
+        leased blocks and ``exclude`` (the hashes of the request to be stored). Pure query."""
+        return tuple(self._victims(count, set(exclude)))
+
+    def adopt(
+        self, hashes: Sequence[BlockHash], slots: np.ndarray, tokens: np.ndarray, checksums: np.ndarray
+    ) -> None:
+        """Commit blocks straight into the given free slots (a persistent tier reloading its
+        index); earlier hashes rank as more recently used, as everywhere. Emits BlockStored.
+
+        Raises:
+            ValueError: lengths differ, a slot is out of range or not free, or a hash is
+                already known or repeated (nothing is adopted then).
+        """
+        n = len(hashes)
+        slot_list = np.asarray(slots, dtype=np.int64).tolist()
+        if len(slot_list) != n or len(checksums) != n or tokens.shape != (n, self._block_size):
+            raise ValueError(f"adopt needs {n} slots, checksums and token rows of {self._block_size}")
+        if len(set(hashes)) != n or len(set(slot_list)) != n:
+            raise ValueError("adopted hashes and slots must be distinct")
+        state, free = self._state, _State.FREE
+        taken = [s for s in slot_list if not 0 <= s < self._num_slots or state[s] is not free]
+        if taken:
+            raise ValueError(f"slot {taken[0]} is not a free slot of {self._tier.name}")
+        if not self._slot_of.keys().isdisjoint(hashes) or not self._doomed.keys().isdisjoint(hashes):
+            raise ValueError(f"a block to adopt is already in {self._tier.name}")
+        chosen = set(slot_list)
+        self._free = [s for s in self._free if s not in chosen]
+        for slot in slot_list:
+            state[slot] = _State.READY
+        self._slot_of.update(zip(hashes, slot_list))
+        self._ready.update(zip(hashes, slot_list))
+        if n:
+            self._tokens[slot_list] = tokens
+            self._checksums[slot_list] = checksums
+        self._lru.update(dict.fromkeys(reversed(hashes)))
+        self._events.emit(BlockStored(self._tier, tuple(hashes)))
+
+    def _victims(self, count: int, protected: set[BlockHash]) -> list[BlockHash]:
         if count <= 0:
-            return ()
+            return []
         leases, slot_of = self._leases, self._slot_of
         victims = []
         for h in self._lru:
@@ -208,10 +254,16 @@ class SlotIndex(TierIndex):
                 victims.append(h)
                 if len(victims) == count:
                     break
+        return victims
+
+    def _evict(self, count: int, protected: set[BlockHash]) -> tuple[BlockHash, ...]:
+        victims = self._victims(count, protected)
+        if not victims:
+            return ()
         for h in victims:
             del self._lru[h]
             del self._ready[h]
-            self._release_slot(slot_of.pop(h))
+            self._release_slot(self._slot_of.pop(h))
         self._evictions += len(victims)
         self._events.emit(BlockRemoved(self._tier, tuple(victims)))
         return tuple(victims)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm.config import KvbmConfig
+from kvbm.config import G3OnMismatch, KvbmConfig
 from kvbm.events import EventLog
 from kvbm.hashing import BlockHasher, HashedBlocks, LayoutFingerprint
 from kvbm.host_copy import host_handlers
@@ -20,6 +20,9 @@ from kvbm.jobs import JobResult, TransferJob
 from kvbm.layout import EngineKV
 from kvbm.manager import BlockManager
 from kvbm.tiers.base import SlotStore, TierIndex
+from kvbm.tiers.disk_index import DiskIndex
+from kvbm.tiers.disk_layout import DiskLayout, open_directory
+from kvbm.tiers.disk_store import DiskSlotStore
 from kvbm.tiers.host import HostBuffer
 from kvbm.tiers.slot_index import SlotIndex
 from kvbm.transfer import TransferEngine
@@ -132,5 +135,20 @@ def make_host_buffer(num_slots: int, block_bytes: int, workdir: Path) -> SlotSto
     return HostBuffer(num_slots, block_bytes)
 
 
-TIER_INDEX_FACTORIES = {"g2": make_slot_index}
-SLOT_STORE_FACTORIES = {"g2": make_host_buffer}
+def _g3_layout(num_slots: int, block_size: int, block_bytes: int) -> DiskLayout:
+    stride = -(-block_bytes // 4096) * 4096
+    return DiskLayout.plan(make_fingerprint(block_size=block_size), block_bytes, num_slots * stride)
+
+
+def make_disk_index(num_slots: int, block_size: int, events: EventLog, workdir: Path) -> TierIndex:
+    layout = _g3_layout(num_slots, block_size, 4096)
+    return DiskIndex(open_directory(str(workdir / "g3"), layout, on_mismatch=G3OnMismatch.REFUSE, owner=True), events)
+
+
+def make_disk_store(num_slots: int, block_bytes: int, workdir: Path) -> SlotStore:
+    layout = _g3_layout(num_slots, BLOCK_SIZE, block_bytes)
+    return DiskSlotStore(open_directory(str(workdir / "g3"), layout, on_mismatch=G3OnMismatch.REFUSE, owner=False))
+
+
+TIER_INDEX_FACTORIES = {"g2": make_slot_index, "g3": make_disk_index}
+SLOT_STORE_FACTORIES = {"g2": make_host_buffer, "g3": make_disk_store}

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from kvbm.config import KvbmConfig
+from kvbm.config import G3OnMismatch, KvbmConfig
 from kvbm.errors import ConfigError
 from kvbm.manager import BlockManager
 from kvbm.policy import OffloadPolicy
@@ -26,11 +26,13 @@ def test_every_field_from_a_dict() -> None:
         "g2_capacity_blocks": 128, "offload_policy": "on_eviction", "offload_min_hits": 2,
         "verify_g2_reads": True, "transfer_thread": False, "latency_window": 16, "event_buffer": 0,
         "cuda_staging_bytes": "8MiB", "g3_dir": "/var/tmp/kvbm", "g3_capacity_bytes": "10GB",
+        "g3_on_mismatch": "wipe", "g3_direct_io": False, "g3_io_threads": 2,
     }
     cfg = KvbmConfig.from_dict(raw)
     assert cfg.offload_policy is OffloadPolicy.ON_EVICTION
     assert cfg.cuda_staging_bytes == 8 << 20
     assert cfg.g3_capacity_bytes == 10**10
+    assert cfg.g3_on_mismatch is G3OnMismatch.WIPE
     assert cfg.to_dict() == {**raw, "cuda_staging_bytes": 8 << 20, "g3_capacity_bytes": 10**10, "g2_capacity_bytes": None}
 
 
@@ -66,6 +68,10 @@ def test_sizes(text, expected) -> None:
         ({"g2_capacity_blocks": 4, "g3_dir": "/tmp/x"}, "g3_dir", "together"),
         ({"g2_capacity_blocks": 4, "g3_capacity_bytes": "1GiB"}, "g3_dir", "together"),
         ({"g2_capacity_blocks": 4, "g3_dir": "", "g3_capacity_bytes": 1}, "g3_dir", "non-empty"),
+        ({"g2_capacity_blocks": 4, "g3_on_mismatch": "delete"}, "g3_on_mismatch", "refuse, wipe"),
+        ({"g2_capacity_blocks": 4, "g3_direct_io": "no"}, "g3_direct_io", "bool"),
+        ({"g2_capacity_blocks": 4, "g3_io_threads": 0}, "g3_io_threads", ">= 1"),
+        ({"g2_capacity_blocks": 4, "g3_io_threads": 65}, "g3_io_threads", "<= 64"),
     ],
 )
 def test_bad_config_names_the_field(raw, field, match) -> None:
@@ -102,7 +108,8 @@ def test_g2_slots_from_bytes_or_blocks() -> None:
         KvbmConfig(g2_capacity_blocks=3).g2_slots(0)
 
 
-def test_g3_is_validated_but_not_pretended() -> None:
-    cfg = KvbmConfig.from_dict({"g2_capacity_blocks": 4, "g3_dir": "/tmp/kvbm-g3", "g3_capacity_bytes": "1GiB"})
-    with pytest.raises(NotImplementedError, match="G3"):
+def test_g3_needs_the_layout_fingerprint(tmp_path) -> None:
+    cfg = KvbmConfig.from_dict({"g2_capacity_blocks": 4, "g3_dir": str(tmp_path / "g3"), "g3_capacity_bytes": "1MiB"})
+    with pytest.raises(ValueError, match="fingerprint"):
         BlockManager(cfg, block_size=4, block_bytes=64)
+    assert not (tmp_path / "g3").exists()  # nothing is created before the arguments are checked
