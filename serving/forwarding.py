@@ -1,0 +1,223 @@
+"""Sends one validated request through the workers: aggregated, or prefill then decode.
+
+Contract (see DESIGN.md, "Disaggregated flow"):
+    1. When an ACTIVE, healthy prefill worker and a decode-capable worker (DECODE or
+       AGGREGATED) are both up, the request first goes to the prefill worker (chosen by
+       KV-prefix overlap, then load) with ``max_tokens=1``, ``stream=false`` and
+       ``kv_transfer_params={"do_remote_decode": true}``; the ``kv_transfer_params`` it
+       returns are added to the request for the decode hop. A prefill worker that fails
+       leaves rotation and the request runs aggregated (decode recomputes); one that
+       answers without ``kv_transfer_params`` just means decode recomputes too.
+    2. The final hop goes to the least loaded decode-capable worker. A worker that fails
+       before any byte reached the client (connection error, timeout, 5xx, a stream that
+       ends before its first chunk) leaves rotation (the health probe brings it back) and
+       the request is retried once on another worker; after that the client gets a 502.
+       A worker's own 4xx passes through unchanged.
+    3. Streams are relayed chunk by chunk; if the worker breaks mid-stream the client gets
+       a final SSE ``error`` event (its status line is already sent).
+    4. Every hop is bracketed by ``WorkerPool.acquire``/``release``, also on failure and on
+       client disconnect, so drains see exact in-flight counts.
+
+``kv_transfer_params`` sent by a client are dropped: the router owns that field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+
+import httpx
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from kvbm.serving.router_stats import ErrorKind, Hop, RouterStats
+from kvbm.serving.router_validation import Endpoint, RequestError
+from kvbm.serving.routing import (PublishedHashes, choose_by_load, choose_prefill,
+                                  no_published_hashes)
+from kvbm.serving.workers import Worker, WorkerPool, WorkerRole
+
+PromptHashes = Callable[[dict], Sequence[Hashable]]
+DECODE_ROLES = (WorkerRole.DECODE, WorkerRole.AGGREGATED)
+MAX_ATTEMPTS = 2  # the first try and one retry on another worker
+
+
+def no_prompt_hashes(body: dict) -> Sequence[Hashable]:
+    """The default :data:`PromptHashes`: the router does not tokenize, so no hashes."""
+    return ()
+
+
+class Forwarder:
+    """Routes requests over a :class:`WorkerPool` with one shared HTTP client.
+
+    Args:
+        pool: the worker registry.
+        stats: where outcomes are counted.
+        client: the HTTP client (its timeout bounds every worker exchange).
+        prompt_hashes: request body -> the prompt's chained block hashes.
+        published: worker id -> the block hashes that worker holds.
+        clock: monotonic seconds (tests may inject one).
+    """
+
+    def __init__(self, pool: WorkerPool, stats: RouterStats, client: httpx.AsyncClient,
+                 prompt_hashes: PromptHashes = no_prompt_hashes,
+                 published: PublishedHashes = no_published_hashes,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._pool = pool
+        self._stats = stats
+        self._client = client
+        self._prompt_hashes = prompt_hashes
+        self._published = published
+        self._clock = clock
+
+    async def forward(self, endpoint: Endpoint, body: dict, received_at: float) -> Response:
+        """Answers one validated request (see the module contract).
+
+        Raises:
+            RequestError: 503 when no worker can take it, 502 when the tried ones failed.
+        """
+        body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+        hop = Hop.AGGREGATED
+        prefill_candidates = self._pool.candidates([WorkerRole.PREFILL])
+        if prefill_candidates and self._pool.candidates(DECODE_ROLES):
+            hashes = self._prompt_hashes(body)
+            prefill = choose_prefill(prefill_candidates, hashes, self._published)
+            body = await self._prefill(prefill, endpoint, body)
+            hop = Hop.DECODE
+        return await self._final(endpoint, body, received_at, hop)
+
+    async def _prefill(self, worker: Worker, endpoint: Endpoint, body: dict) -> dict:
+        """First hop; returns the body for the decode hop."""
+        first = dict(body, max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+        if "max_completion_tokens" in first:
+            first["max_completion_tokens"] = 1
+        first.pop("stream_options", None)
+        self._pool.acquire(worker)
+        self._stats.count_route(worker.id, Hop.PREFILL)
+        try:
+            reply = await self._client.post(worker.url + endpoint.value, json=first)
+        except httpx.HTTPError:
+            self._pool.mark(worker, healthy=False)
+            self._stats.count_error(ErrorKind.PREFILL_FAILED)
+            return body
+        finally:
+            self._pool.release(worker)
+        if reply.status_code >= 500:
+            self._pool.mark(worker, healthy=False)
+        if reply.status_code >= 400:
+            self._stats.count_error(ErrorKind.PREFILL_FAILED)
+            return body
+        try:
+            params = reply.json().get("kv_transfer_params")
+        except (ValueError, AttributeError):
+            self._stats.count_error(ErrorKind.PREFILL_FAILED)
+            return body
+        if not isinstance(params, dict):
+            self._stats.count_error(ErrorKind.KV_PARAMS_MISSING)
+            return body
+        self._stats.disaggregated += 1
+        return dict(body, kv_transfer_params=params)
+
+    async def _final(self, endpoint: Endpoint, body: dict, received_at: float, hop: Hop) -> Response:
+        tried: list[str] = []
+        reasons: list[str] = []
+        for attempt in range(MAX_ATTEMPTS):
+            worker = choose_by_load(self._pool.candidates(DECODE_ROLES, exclude=tried))
+            if worker is None:
+                break
+            if attempt:
+                self._stats.retries += 1
+            tried.append(worker.id)
+            self._pool.acquire(worker)
+            self._stats.count_route(worker.id, hop)
+            if body.get("stream"):
+                response, reason = await self._stream(worker, endpoint, body, received_at)
+            else:
+                response, reason = await self._unary(worker, endpoint, body, received_at)
+            if response is not None:
+                return response
+            self._pool.mark(worker, healthy=False)
+            self._stats.count_error(ErrorKind.WORKER_FAILED)
+            reasons.append(f"{worker.id} ({worker.url}): {reason}")
+        if not tried:
+            self._stats.count_error(ErrorKind.NO_WORKER)
+            raise RequestError(503, "no healthy worker can take this request",
+                               "no_worker", type_="service_unavailable")
+        raise RequestError(502, "worker(s) failed before answering: " + "; ".join(reasons),
+                           "worker_failed", type_="bad_gateway")
+
+    def _passthrough(self, reply: httpx.Response, content: bytes) -> Response:
+        if reply.status_code >= 400:
+            self._stats.count_error(ErrorKind.UPSTREAM_4XX)
+        else:
+            self._stats.succeeded += 1
+        return Response(content=content, status_code=reply.status_code,
+                        media_type=reply.headers.get("content-type", "application/json"))
+
+    async def _unary(self, worker: Worker, endpoint: Endpoint, body: dict,
+                     received_at: float) -> tuple[Response | None, str]:
+        try:
+            reply = await self._client.post(worker.url + endpoint.value, json=body)
+        except httpx.HTTPError as error:
+            return None, f"{type(error).__name__}: {error}"
+        finally:
+            self._pool.release(worker)
+        if reply.status_code >= 500:
+            return None, f"HTTP {reply.status_code}"
+        self._stats.record_ttft(self._clock() - received_at)
+        return self._passthrough(reply, reply.content), ""
+
+    async def _stream(self, worker: Worker, endpoint: Endpoint, body: dict,
+                      received_at: float) -> tuple[Response | None, str]:
+        request = self._client.build_request("POST", worker.url + endpoint.value, json=body)
+        reply: httpx.Response | None = None
+        try:
+            reply = await self._client.send(request, stream=True)
+            if reply.status_code >= 500:
+                raise _Failed(f"HTTP {reply.status_code}")
+            if reply.status_code >= 400:
+                content = await reply.aread()
+                await reply.aclose()
+                self._pool.release(worker)
+                return self._passthrough(reply, content), ""
+            chunks = reply.aiter_raw()
+            first = await anext(chunks, None)
+            if first is None:
+                raise _Failed("stream ended before its first chunk")
+        except (httpx.HTTPError, _Failed) as error:
+            if reply is not None:
+                await reply.aclose()
+            self._pool.release(worker)
+            return None, f"{type(error).__name__}: {error}"
+        self._stats.record_ttft(self._clock() - received_at)
+        return StreamingResponse(self._relay(worker, reply, chunks, first),
+                                 status_code=reply.status_code,
+                                 media_type=reply.headers.get("content-type", "text/event-stream")), ""
+
+    async def _relay(self, worker: Worker, reply: httpx.Response, chunks: AsyncIterator[bytes],
+                     first: bytes) -> AsyncIterator[bytes]:
+        try:
+            yield first
+            last = self._clock()
+            async for chunk in chunks:
+                now = self._clock()
+                self._stats.record_itl(now - last)
+                last = now
+                yield chunk
+            self._stats.succeeded += 1
+        except httpx.HTTPError as error:
+            self._pool.mark(worker, healthy=False)
+            self._stats.count_error(ErrorKind.STREAM_BROKEN)
+            event = {"error": {"message": f"worker {worker.id} failed mid-stream: {error}",
+                               "type": "bad_gateway", "code": "stream_broken", "param": None}}
+            yield f"data: {json.dumps(event)}\n\n".encode()
+        finally:
+            await reply.aclose()
+            self._pool.release(worker)
+
+
+class _Failed(Exception):
+    """A worker answered in a way that counts as a failure (5xx, empty stream)."""
+
+
+def error_response(error: RequestError) -> JSONResponse:
+    return JSONResponse(error.as_json(), status_code=error.status)

@@ -1,0 +1,231 @@
+"""Router pieces without servers: config, validation, worker pool, routing choice, stats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvbm.serving.router_config import RouterConfig
+from kvbm.serving.router_stats import ErrorKind, Hop, RouterStats, percentile
+from kvbm.serving.router_validation import Endpoint, RequestError, parse_request
+from kvbm.serving.routing import choose_by_load, choose_prefill, prefix_overlap
+from kvbm.serving.workers import WorkerPool, WorkerRole, WorkerState
+
+MODEL = "tiny"
+
+
+def make_config(**overrides) -> RouterConfig:
+    return RouterConfig(**{"model_name": MODEL, **overrides})
+
+
+def make_pool(*roles: WorkerRole) -> WorkerPool:
+    pool = WorkerPool()
+    for i, role in enumerate(roles):
+        pool.add(role, f"http://127.0.0.1:{9000 + i}")
+    return pool
+
+
+# --- config -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"model_name": ""}, "model_name"),
+    ({"port": 70000}, "port"),
+    ({"port": True}, "port"),
+    ({"max_body_bytes": 0}, "max_body_bytes"),
+    ({"max_tokens_cap": -1}, "max_tokens_cap"),
+    ({"request_timeout_s": 0}, "request_timeout_s"),
+    ({"health_interval_s": -1.0}, "health_interval_s"),
+    ({"host": "0.0.0.0"}, "admin_token"),
+    ({"admin_token": "short"}, "admin_token"),
+])
+def test_config_rejects_bad_field_by_name(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        make_config(**overrides)
+
+
+def test_config_non_loopback_with_token_is_valid():
+    config = make_config(host="0.0.0.0", admin_token="secret-token")
+    assert config.admin_token == "secret-token"
+    assert make_config(host="::1").host == "::1"
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def parse(body, endpoint=Endpoint.COMPLETIONS, **overrides) -> dict:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(raw, endpoint, make_config(**overrides))
+
+
+def refused(body, endpoint=Endpoint.COMPLETIONS, **overrides) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse(body, endpoint, **overrides)
+    return info.value
+
+
+def test_valid_bodies_pass_through_unchanged():
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True, "extra": 1}
+    assert parse(body) == body
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    assert parse(chat, Endpoint.CHAT) == chat
+    assert parse({"model": MODEL, "prompt": [1, 2, 3]})["prompt"] == [1, 2, 3]
+    assert parse({"model": MODEL, "prompt": [[1], [2, 3]]})["prompt"] == [[1], [2, 3]]
+
+
+@pytest.mark.parametrize("body, status, code, param", [
+    (b"{not json", 400, "invalid_json", None),
+    (b"\xff\xfe{}", 400, "invalid_utf8", None),
+    ([1, 2], 400, "invalid_type", None),
+    ({"prompt": "x"}, 400, "invalid_type", "model"),
+    ({"model": "gpt-9", "prompt": "x"}, 404, "model_not_found", "model"),
+    ({"model": MODEL}, 400, "missing_field", "prompt"),
+    ({"model": MODEL, "prompt": 5}, 400, "invalid_type", "prompt"),
+    ({"model": MODEL, "prompt": []}, 400, "invalid_type", "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "4"}, 400, "invalid_type", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "invalid_type", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "invalid_value", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "invalid_value", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "invalid_type", "stream"),
+])
+def test_invalid_completion_bodies(body, status, code, param):
+    error = refused(body)
+    assert (error.status, error.code, error.param) == (status, code, param)
+    assert error.as_json()["error"]["message"] == error.message and error.message
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": ["hi"]}, "messages[0]"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+])
+def test_invalid_chat_bodies(body, param):
+    assert refused(body, Endpoint.CHAT).param == param
+
+
+def test_oversize_body_is_413():
+    error = refused({"model": MODEL, "prompt": "x" * 200}, max_body_bytes=100)
+    assert error.status == 413 and error.code == "body_too_large"
+
+
+# --- worker pool --------------------------------------------------------------------------
+
+def test_pool_ids_roles_and_duplicates():
+    pool = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE)
+    assert [(w.id, w.role) for w in pool.all()] == [("w1", WorkerRole.PREFILL), ("w2", WorkerRole.DECODE)]
+    with pytest.raises(ValueError, match="already registered"):
+        pool.add(WorkerRole.DECODE, "http://127.0.0.1:9001/")
+    with pytest.raises(ValueError, match="url"):
+        pool.add(WorkerRole.DECODE, "ftp://x")
+
+
+def test_drain_waits_for_in_flight_then_remove():
+    pool = make_pool(WorkerRole.DECODE, WorkerRole.DECODE)
+    w1, w2 = pool.all()
+    pool.acquire(w1)
+    with pytest.raises(ValueError, match="drain it first"):
+        pool.remove("w1")
+    assert pool.drain("w1").state is WorkerState.DRAINING
+    assert pool.candidates([WorkerRole.DECODE]) == [w2]
+    pool.release(w1)
+    assert w1.state is WorkerState.DRAINED
+    pool.remove("w1")
+    assert pool.all() == [w2]
+    assert pool.drain("w2").state is WorkerState.DRAINED  # idle: drained at once
+    with pytest.raises(KeyError):
+        pool.get("w1")
+
+
+def test_unhealthy_worker_leaves_candidates_until_marked_back():
+    pool = make_pool(WorkerRole.DECODE, WorkerRole.AGGREGATED)
+    w1, w2 = pool.all()
+    pool.mark(w1, healthy=False)
+    assert pool.candidates([WorkerRole.DECODE, WorkerRole.AGGREGATED]) == [w2]
+    assert w1.failures == 1
+    pool.mark(w1, healthy=True)
+    assert pool.candidates([WorkerRole.DECODE, WorkerRole.AGGREGATED], exclude=["w2"]) == [w1]
+
+
+# --- routing ------------------------------------------------------------------------------
+
+def test_prefix_overlap_stops_at_first_missing_block():
+    assert prefix_overlap([1, 2, 3, 4], {1, 2, 4}) == 2
+    assert prefix_overlap([1, 2], set()) == 0
+    assert prefix_overlap([], {1}) == 0
+
+
+def test_prefill_prefers_overlap_then_load():
+    pool = make_pool(WorkerRole.PREFILL, WorkerRole.PREFILL, WorkerRole.PREFILL)
+    w1, w2, w3 = pool.all()
+    published = {"w1": {b"a"}, "w2": {b"a", b"b"}, "w3": {b"a", b"b"}}
+    for _ in range(2):
+        pool.acquire(w2)
+    assert choose_prefill(pool.all(), [b"a", b"b", b"c"], published.__getitem__) is w3
+    pool.acquire(w3)
+    pool.acquire(w3)
+    pool.acquire(w3)
+    assert choose_prefill(pool.all(), [b"a", b"b", b"c"], published.__getitem__) is w2
+    # No hashes: pure load (w1 idle).
+    assert choose_prefill(pool.all(), [], published.__getitem__) is w1
+    assert choose_prefill([], [b"a"]) is None
+
+
+def test_decode_choice_by_in_flight_then_turns():
+    pool = make_pool(WorkerRole.DECODE, WorkerRole.DECODE)
+    w1, w2 = pool.all()
+    assert choose_by_load(pool.all()) is w1
+    pool.acquire(w1)
+    assert choose_by_load(pool.all()) is w2
+    pool.release(w1)  # both idle, w1 has taken one request: w2's turn
+    assert choose_by_load(pool.all()) is w2
+    assert choose_by_load([]) is None
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=6))
+def test_choice_is_least_in_flight(loads):
+    pool = make_pool(*[WorkerRole.DECODE] * len(loads))
+    for worker, (in_flight, done) in zip(pool.all(), loads):
+        for _ in range(done + in_flight):
+            pool.acquire(worker)
+        for _ in range(done):
+            pool.release(worker)
+    chosen = choose_by_load(pool.all())
+    assert chosen.in_flight == min(w.in_flight for w in pool.all())
+    assert choose_prefill(pool.all(), [b"x"]) is chosen
+
+
+# --- stats --------------------------------------------------------------------------------
+
+def test_percentile_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_stats_json_and_prometheus():
+    pool = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE)
+    stats = RouterStats(window=3)
+    stats.requests = 2
+    stats.count_route("w1", Hop.PREFILL)
+    stats.count_route("w2", Hop.DECODE)
+    stats.count_error(ErrorKind.KV_PARAMS_MISSING)
+    for seconds in (0.1, 0.2, 0.3, 0.4):
+        stats.record_ttft(seconds)
+    snapshot = stats.as_json(pool.all())
+    assert snapshot["routing"] == {"w1": {"prefill": 1}, "w2": {"decode": 1}}
+    assert snapshot["transfer_failures"] == 1
+    assert snapshot["ttft_s"] == {"count": 3, "p50": 0.3, "p99": 0.4}
+    assert snapshot["itl_s"]["p50"] is None
+    assert [w["id"] for w in snapshot["workers"]] == ["w1", "w2"]
+    text = stats.prometheus(pool.all())
+    assert "kvbm_router_requests_total 2\n" in text
+    assert 'kvbm_router_routed_total{worker="w2",hop="decode"} 1' in text
+    assert 'kvbm_router_errors_total{kind="kv_params_missing"} 1' in text
+    assert 'kvbm_router_ttft_seconds{quantile="0.5"} 0.300000' in text
+    assert 'kvbm_router_worker_healthy{worker="w1",state="active"} 1' in text
