@@ -8,7 +8,9 @@ other (vLLM's process-wide state allows one live engine):
 - vLLM alone: a cold prefill (recompute, the upper bound) and vLLM's own G1 prefix-cache hit
   (the physical limit), and decode throughput of unique prompts;
 - vLLM + kvbm with a G1 too small to keep the prompt: the prefix is pushed out of G1 by
-  filler prompts, then served from G2; and the same unique-prompt throughput (nothing hits).
+  filler prompts, then served from G2; and the same unique-prompt throughput (nothing hits);
+- vLLM + kvbm with G2 too small as well and a G3 directory: the prefix is served from disk
+  (O_DIRECT reads, so not from the page cache).
 
 TTFT is the wall time of ``generate(max_tokens=1)``. Medians over ``--repeats``.
 """
@@ -19,6 +21,7 @@ import argparse
 import gc
 import os
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -74,34 +77,55 @@ def main() -> None:
     plain_tput = timed(llm, unique, max_tokens=64)
     shutdown(llm)
 
-    kvbm_settings = EngineSettings(
-        model=model, max_model_len=4096, num_gpu_blocks_override=2 * 4096 // 32,
-        kv_transfer_config={"kv_connector": "KVBMConnector", "kv_role": "kv_both",
-                            "kv_connector_extra_config": {"g2_capacity_bytes": "2GiB"}})
-    llm = LLM(**kvbm_settings.llm_kwargs())
-    timed(llm, prompts(rng, 1, n))
-    g2_hit = []
-    for _ in range(args.repeats):
-        prompt = prompts(rng, 1, n)
-        timed(llm, prompt)
-        timed(llm, prompts(rng, 2, 4000))  # evict the prompt's blocks from G1
-        g2_hit.append(timed(llm, prompt))
-    kvbm_tput = timed(llm, prompts(np.random.default_rng(1), 1, 8), max_tokens=1)  # warm
+    def kvbm_engine(extra: dict):
+        settings = EngineSettings(
+            model=model, max_model_len=4096, num_gpu_blocks_override=2 * 4096 // 32,
+            kv_transfer_config={"kv_connector": "KVBMConnector", "kv_role": "kv_both",
+                                "kv_connector_extra_config": extra})
+        return LLM(**settings.llm_kwargs())
+
+    def evicted_hits(llm, filler_rounds: int = 1) -> list[float]:
+        timed(llm, prompts(rng, 1, n))
+        hits = []
+        for _ in range(args.repeats):
+            prompt = prompts(rng, 1, n)
+            timed(llm, prompt)
+            for _ in range(filler_rounds):  # evict the prompt's blocks from G1 (and G2)
+                timed(llm, prompts(rng, 2, 4000))
+            hits.append(timed(llm, prompt))
+        return hits
+
+    llm = kvbm_engine({"g2_capacity_bytes": "2GiB"})
+    g2_hit = evicted_hits(llm)
+    timed(llm, prompts(np.random.default_rng(1), 1, 8), max_tokens=1)
     kvbm_tput = timed(llm, unique, max_tokens=64)
     stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
     shutdown(llm)
+
+    with tempfile.TemporaryDirectory(prefix="kvbm-g3-", dir=os.environ.get("KVBM_BENCH_DIR", "/var/tmp")) as g3:
+        # G2 holds one prompt (blocks reach G3 through G2) but not the fillers that follow it,
+        # so the measured prompt comes back from disk.
+        llm = kvbm_engine({"g2_capacity_blocks": 160, "g3_dir": g3, "g3_capacity_bytes": "4GiB"})
+        g3_hit = evicted_hits(llm, filler_rounds=3)
+        g3_stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
+        shutdown(llm)
 
     med = statistics.median
     print(f"bench model, {n}-token prompt, medians of {args.repeats}")
     print("| path | TTFT ms | vs G1 hit | vs recompute |")
     print("|---|---:|---:|---:|")
-    for name, values in (("recompute (vLLM cold)", cold), ("vLLM G1 prefix hit", g1_hit), ("kvbm G2 hit", g2_hit)):
+    for name, values in (("recompute (vLLM cold)", cold), ("vLLM G1 prefix hit", g1_hit),
+                         ("kvbm G2 hit", g2_hit), ("kvbm G3 hit", g3_hit)):
         print(f"| {name} | {med(values) * 1000:.0f} | {med(values) / med(g1_hit):.2f}x | {med(values) / med(cold):.2f}x |")
     print(f"no-hit throughput: vLLM {plain_tput:.2f} s, vLLM+kvbm {kvbm_tput:.2f} s "
           f"({(kvbm_tput / plain_tput - 1) * 100:+.1f}%) for {args.throughput_prompts} prompts x 64 tokens")
     g2 = stats["tiers"]["g2"]
     print(f"G2: {g2['blocks_onboarded']} blocks onboarded, {g2['blocks_offloaded']} offloaded, "
           f"hit rate {g2['hit_rate']:.2f}, p50 transfer {g2['latency_p50_s'] * 1000:.1f} ms")
+    g3s = g3_stats["tiers"]["g3"]
+    print(f"G3 run, G2: {g3_stats['tiers']['g2']['blocks_onboarded']} blocks onboarded")
+    print(f"G3: {g3s['blocks_onboarded']} blocks onboarded, {g3s['blocks_offloaded']} offloaded, "
+          f"{g3s['checksum_mismatches']} checksum mismatches, {g3s['io_errors']} I/O errors")
 
 
 if __name__ == "__main__":
