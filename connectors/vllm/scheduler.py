@@ -167,9 +167,6 @@ class SchedulerSide:
     def has_pending_jobs(self) -> bool:
         return bool(self._job_owner)
 
-    def take_events(self) -> list:
-        return self._manager.take_events()
-
     def shutdown(self) -> None:
         """Flushes G3's index and releases its directory."""
         self._manager.close()
