@@ -199,9 +199,14 @@ class Forwarder:
             yield first
             last = self._clock()
             async for chunk in chunks:
-                now = self._clock()
-                self._stats.record_itl(now - last)
-                last = now
+                # TCP may coalesce several SSE events into one chunk (or split one event):
+                # spread the gap over the token events the chunk completes.
+                events = chunk.count(b"data: ") - chunk.count(b"data: [DONE]")
+                if events:
+                    now = self._clock()
+                    for _ in range(events):
+                        self._stats.record_itl((now - last) / events)
+                    last = now
                 yield chunk
             self._stats.succeeded += 1
         except httpx.HTTPError as error:

@@ -334,7 +334,8 @@ def test_stats_and_metrics_content(servers, make_router):
     assert (snapshot["requests"], snapshot["succeeded"]) == (3, 2)
     assert snapshot["errors"]["invalid_request"] == 1
     assert snapshot["ttft_s"]["count"] == 2 and 0 < snapshot["ttft_s"]["p50"] <= snapshot["ttft_s"]["p99"]
-    assert snapshot["itl_s"]["count"] >= MAX_TOKENS - 1 and snapshot["itl_s"]["p99"] > 0
+    # One sample per token event after the first chunk; TCP may coalesce events into that chunk.
+    assert 1 <= snapshot["itl_s"]["count"] <= MAX_TOKENS - 1 and snapshot["itl_s"]["p99"] > 0
     assert snapshot["workers"][0] | {"routed": 2, "in_flight": 0} == snapshot["workers"][0]
     metrics = httpx.get(router.url + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
