@@ -14,6 +14,7 @@ from typing import Any
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
+from kvbm.remote.config import RemoteConfig
 
 # G2 size when the user names none: enough for ~128k tokens of a 100M-parameter model.
 DEFAULT_G2_CAPACITY_BYTES = 2 << 30
@@ -37,6 +38,11 @@ class ConnectorConfig:
         load_failure: what vLLM does after a failed load (sets vLLM's kv_load_failure_policy).
         stats_port: port of the worker's JSON/Prometheus stats endpoint; None: no endpoint.
         stats_host: address the stats endpoint binds (loopback unless set).
+        remote: the worker's NIXL endpoint, for disaggregated serving (``"remote"``: a dict
+            of :class:`~kvbm.remote.RemoteConfig` fields, ``worker`` required); None: no
+            NIXL. A prefill holds a handed-off request's blocks for ``remote.lease_s`` at most
+            while no decode reads them. Give prefill workers a ``side_channel_port``: with
+            port 0 the address is known only after the worker's first step.
     """
 
     kvbm: KvbmConfig
@@ -44,6 +50,7 @@ class ConnectorConfig:
     load_failure: LoadFailurePolicy = LoadFailurePolicy.RECOMPUTE
     stats_port: int | None = None
     stats_host: str = "127.0.0.1"
+    remote: RemoteConfig | None = None
 
     def __post_init__(self) -> None:
         _check_int("async_load_min_blocks", self.async_load_min_blocks, 1)
@@ -79,6 +86,8 @@ class ConnectorConfig:
             except ValueError:
                 choices = ", ".join(p.value for p in LoadFailurePolicy)
                 raise ConfigError("load_failure", f"expected one of {choices}, got {values['load_failure']!r}") from None
+        if values.get("remote") is not None:
+            values["remote"] = _remote(values["remote"])
         return cls(kvbm=KvbmConfig.from_dict(kvbm_raw), **values)
 
 
@@ -87,3 +96,13 @@ def _check_int(field: str, value: Any, minimum: int) -> None:
         raise ConfigError(field, f"expected an int, got {value!r}")
     if value < minimum:
         raise ConfigError(field, f"must be >= {minimum}, got {value}")
+
+
+def _remote(raw: Any) -> RemoteConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("remote", f"expected a mapping of remote settings, got {raw!r}")
+    try:
+        return RemoteConfig.from_dict(raw)
+    except ConfigError as error:
+        message = str(error).split(": ", 1)[1]
+        raise ConfigError(f"remote.{error.field}", message) from None

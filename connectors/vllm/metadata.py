@@ -1,9 +1,10 @@
 """What the scheduler-side and worker-side connectors tell each other each step.
 
 Scheduler -> worker (:class:`KvbmConnectorMetadata`, pickled by vLLM with the scheduler
-output): the transfer jobs to run and which requests wait for their saves before vLLM may
-free their blocks. Worker -> scheduler (:class:`KvbmWorkerMetadata`): the results of finished
-jobs, which the scheduler's block manager commits or rolls back.
+output): the transfer jobs to run, the blocks to pull from remote workers, the blocks to hold
+for remote readers, and which requests wait before vLLM may free their blocks. Worker ->
+scheduler (:class:`KvbmWorkerMetadata`): the results of finished jobs, which the scheduler's
+block manager commits or rolls back, and the worker's remote endpoint (address, counters).
 """
 
 from __future__ import annotations
@@ -15,7 +16,26 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from kvbm.ids import BlockHash
 from kvbm.jobs import JobResult, TransferJob
+
+
+@dataclasses.dataclass
+class RemotePull:
+    """Blocks to pull by hash from another worker's side channel into our engine blocks."""
+
+    source: str
+    hashes: tuple[BlockHash, ...]
+    block_ids: list[int]
+
+
+@dataclasses.dataclass
+class HeldRequest:
+    """A finished request's engine blocks to keep for remote readers (see held_blocks.py)."""
+
+    req_id: str
+    hashes: tuple[BlockHash, ...]
+    block_ids: list[int]
 
 
 @dataclasses.dataclass
@@ -28,12 +48,14 @@ class RequestLoad:
         missing_block_ids: engine blocks nothing will fill (reported as load errors).
         asynchronous: the request waits for the load (``get_finished`` reports it);
             otherwise the load finishes before this step's forward pass.
+        remote: blocks after the jobs' to pull from a remote worker (always asynchronous).
     """
 
     req_id: str
     jobs: list[TransferJob]
     missing_block_ids: list[int]
     asynchronous: bool
+    remote: RemotePull | None = None
 
 
 @dataclasses.dataclass
@@ -45,20 +67,31 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
         stores: ``(req_id, job)`` offloads to start after this step's forward pass;
             ``req_id`` is None for G2 -> G3 demotions, which no request waits for.
         await_saves: finished requests whose blocks vLLM keeps until the worker reports
-            their stores done (``finished_sending``).
+            their stores done and their holds ended (``finished_sending``).
+        holds: finished requests' blocks to hold for remote readers.
     """
 
     loads: list[RequestLoad] = dataclasses.field(default_factory=list)
     stores: list[tuple[str | None, TransferJob]] = dataclasses.field(default_factory=list)
     await_saves: set[str] = dataclasses.field(default_factory=set)
+    holds: list[HeldRequest] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
 class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
-    """Results of the jobs that finished on a worker since its last report."""
+    """What a worker reports since its last report.
+
+    Attributes:
+        results: finished transfer jobs (not remote pulls: the block manager never saw those).
+        side_channel: the worker's remote endpoint address (with ``remote``: every step).
+        remote: the remote endpoint's counters, when they changed.
+    """
 
     results: list[JobResult] = dataclasses.field(default_factory=list)
+    side_channel: str | None = None
+    remote: dict | None = None
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KvbmWorkerMetadata)
-        return KvbmWorkerMetadata(self.results + other.results)
+        return KvbmWorkerMetadata(self.results + other.results, self.side_channel or other.side_channel,
+                                  self.remote or other.remote)

@@ -12,6 +12,12 @@ tokens with kvbm's chained hashing. Per step, vLLM calls:
 
 A request's engine blocks are never freed while one of its jobs runs: request_finished
 returns True and the worker reports the request in ``finished_sending`` once its jobs end.
+
+Disaggregated serving (``remote`` configured; see :mod:`.handoff`): a prefill request sent with
+``do_remote_decode`` finishes by holding its full prompt blocks for a decode worker and
+returns a :class:`Handoff` as its ``kv_transfer_params``; a decode request carrying one loads
+what G2/G3 hold, then pulls the rest of the handed-off prefix from the prefill worker by hash
+(always an asynchronous load). A pull is tried once per request; what fails is recomputed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,16 @@ from kvbm.policy import OffloadPolicy
 from kvbm.stats import KvbmStats
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.engine_layout import block_bytes, check_supported, layout_fingerprint
-from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, RequestLoad
+from kvbm.connectors.vllm.handoff import Handoff, wants_handoff
+from kvbm.connectors.vllm.metadata import (
+    HeldRequest,
+    KvbmConnectorMetadata,
+    KvbmWorkerMetadata,
+    RemotePull,
+    RequestLoad,
+)
+
+from vllm.v1.request import RequestStatus
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -49,6 +64,9 @@ class _RequestState:
     block_ids: list[int] = dataclasses.field(default_factory=list)
     offered: int = 0  # leading blocks already handed to the offload policy
     load_start: int = 0  # first block of the planned load
+    local_blocks: int = 0  # blocks of the planned load that G2/G3 hold
+    handoff: Handoff | None = None  # a remote prefill's blocks to pull, until tried
+    remote_end: int = 0  # end (in blocks) of the handed-off prefix this step's match uses
     jobs: set[JobId] = dataclasses.field(default_factory=set)  # unfinished loads and stores
 
 
@@ -69,11 +87,18 @@ class SchedulerSide:
         self._job_owner: dict[JobId, str] = {}
         self._step = KvbmConnectorMetadata()
         self._stats = self._manager.stats()
+        self._side_channel = _configured_side_channel(config)  # else learnt from the worker
+        self._remote_stats: dict | None = None
 
     @property
     def stats(self) -> KvbmStats:
         """The latest snapshot (refreshed every step; safe to read from another thread)."""
         return self._stats
+
+    @property
+    def remote_stats(self) -> dict | None:
+        """The worker's latest remote endpoint counters (None without ``remote``)."""
+        return self._remote_stats
 
     # -- lookups and loads ---------------------------------------------------------------
 
@@ -88,9 +113,11 @@ class SchedulerSide:
         if limit <= start:
             return 0, False
         match = self._manager.lookup(self._blocks(state, limit)[:limit], start)
-        state.load_start = start
-        blocks = match.num_blocks
-        return blocks * bs, blocks >= self._config.async_load_min_blocks
+        state.load_start, state.local_blocks = start, match.num_blocks
+        remote_end = self._handed_off_blocks(state, limit)
+        state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
+        blocks = max(match.num_blocks, state.remote_end - start)
+        return blocks * bs, blocks >= self._config.async_load_min_blocks or state.remote_end > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
@@ -98,12 +125,22 @@ class SchedulerSide:
         state = self._requests[request.request_id]
         start, count = state.load_start, num_external_tokens // self._block_size
         block_ids = blocks.get_block_ids()[0][start : start + count]
-        plan = self._manager.onboard(state.blocks[start : start + count], block_ids)
-        self._own(request.request_id, state, plan.jobs)
+        local = min(count, state.local_blocks)
+        jobs: list = []
+        missing: list[int] = []
+        if local:
+            plan = self._manager.onboard(state.blocks[start : start + local], block_ids[:local])
+            self._own(request.request_id, state, plan.jobs)
+            jobs, missing = plan.jobs, plan.missing_block_ids.tolist()
+        remote = None
+        if state.handoff is not None and count > local:
+            # The rest of the load comes from the prefill worker, once.
+            remote = RemotePull(state.handoff.source, state.blocks.hashes[start + local : start + count],
+                                list(block_ids[local:count]))
+            state.handoff = None
         self._step.loads.append(RequestLoad(
-            req_id=request.request_id, jobs=plan.jobs,
-            missing_block_ids=plan.missing_block_ids.tolist(),
-            asynchronous=count >= self._config.async_load_min_blocks))
+            req_id=request.request_id, jobs=jobs, missing_block_ids=missing,
+            asynchronous=count >= self._config.async_load_min_blocks or remote is not None, remote=remote))
 
     # -- per-step metadata -----------------------------------------------------------------
 
@@ -133,6 +170,8 @@ class SchedulerSide:
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         worker_meta = output.kv_connector_worker_meta
         if isinstance(worker_meta, KvbmWorkerMetadata):
+            self._side_channel = worker_meta.side_channel or self._side_channel
+            self._remote_stats = worker_meta.remote or self._remote_stats
             for result in worker_meta.results:
                 self._manager.complete(result)
                 if result.reason:
@@ -150,6 +189,7 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is None:
             return False, None
+        params = self._hold_for_decode(request, state, block_ids)
         if self._config.kvbm.offload_policy is OffloadPolicy.ON_EVICTION:
             # vLLM reports no G1 evictions; a finished request's blocks are the ones it may now
             # evict, so they are offered here (while still intact) instead.
@@ -158,9 +198,9 @@ class SchedulerSide:
                 jobs = self._manager.blocks_evicting(state.blocks[:full], state.block_ids[:full])
                 self._own(request.request_id, state, jobs)
                 self._step.stores.extend((request.request_id, job) for job in jobs)
-        if state.jobs:
+        if state.jobs or params is not None:
             self._step.await_saves.add(request.request_id)
-            return True, None
+            return True, params
         del self._requests[request.request_id]
         return False, None
 
@@ -170,6 +210,50 @@ class SchedulerSide:
     def shutdown(self) -> None:
         """Flushes G3's index and releases its directory."""
         self._manager.close()
+
+    # -- disaggregated serving -------------------------------------------------------------
+
+    def _hold_for_decode(self, request: Request, state: _RequestState,
+                         block_ids: list[int]) -> dict[str, Any] | None:
+        """Prefill side: hold the prompt's full blocks for a decode worker; the handoff params."""
+        if not wants_handoff(request.kv_transfer_params) or request.status == RequestStatus.FINISHED_ABORTED:
+            return None
+        if self._side_channel is None:
+            logger.warning("kvbm: request %s asks for a remote decode but this worker has no remote "
+                           "endpoint (set kv_connector_extra_config.remote); the decode recomputes",
+                           request.request_id)
+            return None
+        # A decode computes at least one prompt token itself, as here (see get_num_new_matched_tokens).
+        count = min((request.num_prompt_tokens - 1) // self._block_size, len(block_ids),
+                    request.num_computed_tokens // self._block_size)
+        if count < 1:
+            return None
+        hashes = self._blocks(state, count).hashes[:count]
+        self._step.holds.append(HeldRequest(request.request_id, hashes, list(block_ids[:count])))
+        return Handoff(self._side_channel, count, hashes[-1]).to_params()
+
+    def _handoff_of(self, request: Request) -> Handoff | None:
+        handoff = Handoff.from_params(request.kv_transfer_params)
+        if handoff is not None and self._config.remote is None:
+            logger.warning("kvbm: request %s carries a prefill handoff but this worker has no remote "
+                           "endpoint (set kv_connector_extra_config.remote); computing it here",
+                           request.request_id)
+            return None
+        return handoff
+
+    def _handed_off_blocks(self, state: _RequestState, limit: int) -> int:
+        """Decode side: how many leading blocks a remote prefill holds for this request (0: none)."""
+        if state.handoff is None:
+            return 0
+        handoff = state.handoff
+        count = handoff.num_blocks
+        if count > limit or self._blocks(state, count).hashes[count - 1] != handoff.last_hash:
+            logger.warning("kvbm: request %s: the prefill's %d blocks do not match this worker's hashes "
+                           "of the prompt (another model, layout or prompt?); computing it here",
+                           state.request.request_id, count)
+            state.handoff = None
+            return 0
+        return count
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -192,7 +276,8 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is None:
             empty = HashedBlocks((), np.zeros((0, self._block_size), dtype=np.int32))
-            state = _RequestState(request=request, blocks=empty)
+            state = _RequestState(request=request, blocks=empty,
+                                  handoff=self._handoff_of(request))
             self._requests[request.request_id] = state
         return state
 
@@ -211,6 +296,17 @@ class SchedulerSide:
         else:
             state.blocks = new
         return state.blocks
+
+
+def _configured_side_channel(config: ConnectorConfig) -> str | None:
+    """Our worker's side channel when its port is configured. With port 0 the worker reports
+    the port it got, but only after a step: vLLM hands a step's worker output to the
+    connector after it has finished that step's requests, so a prefill finishing in its
+    first step could not hand off yet."""
+    remote = config.remote
+    if remote is None or remote.side_channel_host is None or not remote.side_channel_port:
+        return None
+    return f"{remote.advertise_host or remote.side_channel_host}:{remote.side_channel_port}"
 
 
 def _extras(request: Request, block_size: int, first_block: int) -> dict[int, BlockExtras]:

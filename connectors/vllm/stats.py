@@ -22,7 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 from kvbm.stats import KvbmStats
 
-# Counters and gauges exported per tier, from KvbmStats.to_dict()["tiers"][i].
+# Counters and gauges exported per tier, from KvbmStats.to_dict()["tiers"][name].
 _GAUGES = ("capacity_blocks", "used_blocks", "pinned_blocks")
 _COUNTERS = ("hits", "misses", "evictions", "blocks_offloaded", "blocks_onboarded",
              "bytes_offloaded", "bytes_onboarded", "transfers", "transfer_failures",
@@ -44,8 +44,7 @@ class KvbmConnectorStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {}
-        for tier in self.data.get("tiers", ()):
-            name = tier["tier"]
+        for name, tier in self.data.get("tiers", {}).items():
             out[f"{name} used blocks"] = tier["used_blocks"]
             out[f"{name} hit rate"] = round(tier["hit_rate"], 3)
             out[f"{name} blocks onboarded"] = tier["blocks_onboarded"]
@@ -69,8 +68,8 @@ class KvbmPromMetrics(KVConnectorPromMetrics):
         self._labels = per_engine_labelvalues
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
-        for tier in transfer_stats_data.get("tiers", ()):
-            labels = [*self._labels[engine_idx], tier["tier"]]
+        for name, tier in transfer_stats_data.get("tiers", {}).items():
+            labels = [*self._labels[engine_idx], name]
             for field, gauge in self._gauges.items():
                 gauge.labels(*labels).set(tier[field])
 
@@ -81,12 +80,15 @@ class StatsServer:
     Args:
         snapshot: returns the latest stats; called from the server thread, so it must only
             read an immutable snapshot.
+        remote: returns the remote endpoint's latest counters (a JSON-safe dict, or None),
+            served under ``"remote"`` and as ``kvbm_remote_*`` metrics.
         host: address to bind (loopback by default: stats are not for the open network).
         port: TCP port; 0 picks a free one (see :attr:`port`).
     """
 
-    def __init__(self, snapshot: Callable[[], KvbmStats], host: str = "127.0.0.1", port: int = 0) -> None:
-        handler = _handler_class(snapshot)
+    def __init__(self, snapshot: Callable[[], KvbmStats], host: str = "127.0.0.1", port: int = 0,
+                 remote: Callable[[], dict | None] = lambda: None) -> None:
+        handler = _handler_class(snapshot, remote)
         self._server = http.server.ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="kvbm-stats", daemon=True)
@@ -101,13 +103,18 @@ class StatsServer:
         self._server.server_close()
 
 
-def _handler_class(snapshot: Callable[[], KvbmStats]) -> type[http.server.BaseHTTPRequestHandler]:
+def _handler_class(snapshot: Callable[[], KvbmStats],
+                   remote: Callable[[], dict | None]) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path == "/stats":
-                body, kind = snapshot().to_json().encode(), "application/json"
+                stats = snapshot().to_dict()
+                if (counters := remote()) is not None:
+                    stats["remote"] = counters
+                body, kind = json.dumps(stats, sort_keys=True).encode(), "application/json"
             elif self.path == "/metrics":
-                body, kind = snapshot().to_prometheus().encode(), "text/plain; version=0.0.4"
+                text = snapshot().to_prometheus() + _remote_prometheus(remote())
+                body, kind = text.encode(), "text/plain; version=0.0.4"
             else:
                 body, kind = json.dumps({"error": f"unknown path {self.path}"}).encode(), "application/json"
                 self.send_response(404)
@@ -126,3 +133,20 @@ def _handler_class(snapshot: Callable[[], KvbmStats]) -> type[http.server.BaseHT
             pass
 
     return Handler
+
+
+def _remote_prometheus(counters: dict | None) -> str:
+    """The remote endpoint's numeric counters as untyped samples ``kvbm_remote_<path>``."""
+    if not counters:
+        return ""
+    lines: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in sorted(value.items()):
+                walk(f"{prefix}_{key}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            lines.append(f"{prefix} {value}")
+
+    walk("kvbm_remote", counters)
+    return "\n".join(lines) + "\n" if lines else ""

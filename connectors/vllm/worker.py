@@ -15,10 +15,16 @@ and cannot be evicted for a store, and vLLM allocates a load's engine blocks onl
 running request holds them. Before vLLM frees preempted requests' blocks
 (``handle_preemptions``), every running job is waited for, so none reads or writes a block
 that changed hands. On CUDA both kinds share one thread: they share a staging buffer.
+
+With ``remote`` configured the worker also runs a NIXL endpoint over its engine blocks: it
+pulls handed-off blocks from prefill workers by hash (verified against the prefill's
+checksums; failed blocks become load errors) and holds its own finished prefill requests'
+blocks for decode workers (:class:`HeldBlocks`) until they are read or ``lease_s`` passes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -33,10 +39,12 @@ from kvbm.tiers.host import HostBuffer
 from kvbm.transfer import TransferEngine
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.engine_layout import block_bytes, layout_fingerprint
+from kvbm.connectors.vllm.held_blocks import HeldBlocks
 from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata
 
 if TYPE_CHECKING:
     import torch
+    from kvbm.remote import RemoteWorker
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
@@ -61,6 +69,12 @@ class WorkerSide:
         self._awaiting: set[str] = set()
         self._results: list[JobResult] = []
         self._load_errors: set[int] = set()
+        self._load_errors_reported = 0  # engine blocks vLLM was told to recompute
+        self._remote: RemoteWorker | None = None
+        self._held: HeldBlocks | None = None
+        self._pulls: dict[JobId, tuple[str, np.ndarray]] = {}  # pull job -> (request, engine blocks)
+        self._req_pulls: dict[str, int] = {}  # request -> unfinished pulls
+        self._remote_reported: dict | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Registers vLLM's per-layer KV tensors as G1 and allocates G2 to match."""
@@ -90,6 +104,8 @@ class WorkerSide:
         threaded = self._config.kvbm.transfer_thread
         self._loads = TransferEngine(handlers, threaded=threaded)
         self._stores = self._loads if g1.is_cuda else TransferEngine(handlers, threaded=threaded)
+        if self._config.remote is not None:
+            self._start_remote(g1)
         logger.info("kvbm: G1 %d blocks of %d bytes on %s, G2 %d slots (%.1f MiB)", g1.num_blocks,
                     self._block_bytes, g1.device, slots, self._g2.nbytes / 2**20)
 
@@ -107,6 +123,8 @@ class WorkerSide:
                 self._submit(loads, load.req_id, job)
                 if not load.asynchronous:
                     synchronous.append(job.job_id)
+            if load.remote is not None:
+                self._pull(load.req_id, load.remote)
             if load.asynchronous:
                 self._async_loads.add(load.req_id)
         if synchronous:
@@ -117,6 +135,8 @@ class WorkerSide:
         stores = self._require(self._stores)
         for req_id, job in meta.stores:
             self._submit(stores, req_id, job)
+        for held in meta.holds:
+            self._require(self._held).hold(held.req_id, held.hashes, held.block_ids)
         self._awaiting |= meta.await_saves
 
     def handle_preemptions(self) -> None:
@@ -125,8 +145,10 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._collect()
-        done_saving = {r for r in self._awaiting if not self._req_jobs.get(r)}
-        done_loading = {r for r in self._async_loads if not self._req_jobs.get(r)}
+        if self._held is not None:
+            self._held.take_ended()
+        done_saving = {r for r in self._awaiting if not self._req_jobs.get(r) and not self._is_held(r)}
+        done_loading = {r for r in self._async_loads if not self._req_jobs.get(r) and not self._req_pulls.get(r)}
         self._awaiting -= done_saving
         self._async_loads -= done_loading
         for req_id in done_saving | done_loading:
@@ -135,16 +157,20 @@ class WorkerSide:
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
+        self._load_errors_reported += len(errors)
         return errors
 
     def build_worker_meta(self) -> KvbmWorkerMetadata | None:
         self._collect()
-        if not self._results:
+        side_channel, remote = self._remote_news()
+        if not self._results and side_channel is None and remote is None:
             return None
         results, self._results = self._results, []
-        return KvbmWorkerMetadata(results)
+        return KvbmWorkerMetadata(results, side_channel, remote)
 
     def shutdown(self) -> None:
+        if self._remote is not None:
+            self._remote.close()  # revokes every lease: held blocks are unpinned
         for engine in self._engines():
             engine.close()
         if self._disk is not None:
@@ -171,6 +197,59 @@ class WorkerSide:
                 # Blocks that did not arrive intact: vLLM recomputes them.
                 self._load_errors.update(job.dst_ids[np.asarray(result.failed)].tolist())
             self._results.append(result)
+        if self._remote is not None:
+            for result in self._remote.progress():
+                self._pulled(result)
+
+    # -- disaggregated serving -------------------------------------------------------------
+
+    def _start_remote(self, g1: EngineKV) -> None:
+        from kvbm.remote import RemoteWorker, engine_tier
+
+        remote = self._config.remote
+        self._held = HeldBlocks(hold_s=remote.lease_s)
+        self._remote = RemoteWorker(remote, pinner=self._held)
+        self._remote.register(engine_tier(g1))
+        logger.info("kvbm: NIXL agent %s, side channel %s", self._remote.name, self._remote.side_channel)
+
+    def _pull(self, req_id: str, pull) -> None:
+        remote = self._require(self._remote)
+        job = remote.pull_hashes(pull.source, pull.hashes, Tier.G1, pull.block_ids)
+        self._pulls[job] = (req_id, np.asarray(pull.block_ids, dtype=np.int64))
+        self._req_pulls[req_id] = self._req_pulls.get(req_id, 0) + 1
+
+    def _pulled(self, result: JobResult) -> None:
+        req_id, block_ids = self._pulls.pop(result.job_id)
+        left = self._req_pulls[req_id] - 1
+        if left:
+            self._req_pulls[req_id] = left
+        else:
+            del self._req_pulls[req_id]
+        if len(result.failed):
+            # Not granted, not delivered or not verified: vLLM recomputes these blocks.
+            self._load_errors.update(block_ids[np.asarray(result.failed)].tolist())
+            logger.warning("kvbm: pull for request %s: %d of %d blocks failed: %s", req_id,
+                           len(result.failed), len(block_ids), result.reason)
+
+    def _is_held(self, req_id: str) -> bool:
+        return self._held is not None and self._held.is_held(req_id)
+
+    def _remote_news(self) -> tuple[str | None, dict | None]:
+        """Our side channel and the remote counters (when they changed), for the scheduler.
+
+        The address goes every step: vLLM drops the outputs of its warm-up steps, so a
+        report sent once could be lost before the scheduler ever sees it.
+        """
+        if self._remote is None:
+            return None, None
+        side_channel = self._remote.side_channel
+        stats = self._remote.stats().to_dict()
+        stats["holds"] = dataclasses.asdict(self._require(self._held).counters())
+        stats["load_error_blocks"] = self._load_errors_reported
+        if stats == self._remote_reported:
+            return side_channel, None
+        self._remote_reported = stats
+        return side_channel, stats
 
     @staticmethod
     def _require(engine: TransferEngine | None) -> TransferEngine:

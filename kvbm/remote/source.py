@@ -54,11 +54,20 @@ class BlockPinner(Protocol):
     def unpin(self, lease: Lease, how: LeaseEnd) -> None:
         """The lease ended: its blocks may be evicted or reused again."""
 
+    def wait_ready(self, hashes: Sequence[BlockHash], timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``, outside the source's lock) until ``hashes[0]`` may be
+        pinned. A reader can ask before the owner has handed the blocks over (a prefill's
+        reply reaches the decode before its worker hears the hold): waiting here turns that
+        race into a short delay instead of a miss."""
+
 
 class NoPinner:
     """For a source whose blocks are pinned by its owner: serves no hashes, unpins nothing."""
 
     def pin(self, hashes: Sequence[BlockHash]) -> PinnedBlocks | None:
+        return None
+
+    def wait_ready(self, hashes: Sequence[BlockHash], timeout_s: float) -> None:
         return None
 
     def unpin(self, lease: Lease, how: LeaseEnd) -> None:
@@ -77,8 +86,10 @@ class BlockSource:
         clock: Callable[[], float],
         pinner: BlockPinner | None = None,
         lease_ids: Callable[[], int] | None = None,
+        ready_timeout_s: float = 1.0,
     ) -> None:
         self._agent = agent
+        self._ready_timeout_s = ready_timeout_s
         self._tiers = tiers
         self._pinner = pinner or NoPinner()
         self._lock = threading.Lock()
@@ -115,6 +126,8 @@ class BlockSource:
 
         Returns ``None`` when it holds none of them.
         """
+        if hashes:
+            self._pinner.wait_ready(hashes, self._ready_timeout_s)
         with self._lock:
             pinned = self._pinner.pin(hashes)
             if pinned is None or not len(pinned.block_ids):

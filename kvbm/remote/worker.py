@@ -93,7 +93,9 @@ class RemoteWorker:
         name = agent_name(config.worker, incarnation or os.urandom(4).hex())
         self._transport = NixlTransport(name, config.backends)
         self._tiers: dict[Tier, LocalTier] = {}
-        self._source = BlockSource(name, self._tiers, lease_s=config.lease_s, clock=clock, pinner=pinner)
+        # A grant by hash may wait for its blocks a little, well inside the reader's timeout.
+        self._source = BlockSource(name, self._tiers, lease_s=config.lease_s, clock=clock, pinner=pinner,
+                                   ready_timeout_s=config.side_channel_timeout_s / 4)
         self._pulls = PullEngine(
             self._transport,
             clock=clock,

@@ -59,6 +59,9 @@ class _Pinner:
         self.pinned: dict[tuple[Tier, int], int] = {}
         self.unpins: list[tuple[int, str]] = []
 
+    def wait_ready(self, hashes, timeout_s):
+        return None
+
     def pin(self, hashes: Sequence[BlockHash]):
         from kvbm.remote import PinnedBlocks
 

@@ -126,6 +126,9 @@ class DictPinner:
         self.pins: dict[int, int] = {}
         self.unpinned: list[tuple[list[int], LeaseEnd]] = []
 
+    def wait_ready(self, hashes, timeout_s):
+        return None
+
     def pin(self, hashes):
         ids = []
         for h in hashes:

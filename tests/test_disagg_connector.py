@@ -1,0 +1,170 @@
+"""Disaggregated prefill -> decode through KVBMConnector: the KV really crosses over NIXL.
+
+The prefill worker is a real vLLM OpenAI server (its own process, NIXL agent and side
+channel); the decode worker is an in-process engine, so the test reads its connector directly.
+Each prompt is prefilled with ``do_remote_decode`` (one token), and its ``kv_transfer_params``
+are handed to the decode engine, which pulls the prompt's blocks and generates. Greedy tokens
+must equal vLLM alone, token for token; the stats must show blocks pulled and not recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import urllib.request
+
+import pytest
+
+from conftest import greedy
+from kvbm.serving.server_process import VLLMServer, free_port
+from kvbm.serving.vllm_settings import EngineSettings
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 32
+SETTINGS = dict(max_model_len=2048, dtype="float32")  # float32: see test_connector.py
+LEASE_S = 6.0  # short, so an unclaimed hold ends within the test
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog while the block manager watches. " * 10,
+    "Document 7: " + "lorem ipsum dolor sit amet 7 " * 40,
+    "The quick brown fox jumps over the lazy dog while the block manager watches. " * 10 + "And then?",
+    "short prompt",  # under one block: nothing to hand off
+]
+
+
+def connector(worker: str, stats_port: int | None = None, **remote) -> dict:
+    extra = {"g2_capacity_blocks": 256, "remote": {"worker": worker, "lease_s": LEASE_S, "heartbeat_s": 2.0,
+                                                   **remote}}
+    if stats_port is not None:
+        extra["stats_port"] = stats_port
+    return {"kv_connector": "KVBMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.load(reply)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return json.load(reply)
+
+
+@dataclasses.dataclass
+class Prefill:
+    server: VLLMServer
+    stats_url: str
+
+    def holds(self) -> dict:
+        return get_json(self.stats_url)["remote"]["holds"]
+
+
+def prefill(worker: Prefill, prompt: str) -> dict | None:
+    reply = post(worker.server.url, {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                              "kv_transfer_params": {"do_remote_decode": True}})
+    return reply.get("kv_transfer_params")
+
+
+def decode(llm, prompts: list[str], params: list[dict | None]):
+    from vllm import SamplingParams
+
+    sampling = [SamplingParams(temperature=0.0, max_tokens=24, extra_args={"kv_transfer_params": p} if p else None)
+                for p in params]
+    return llm.generate(prompts, sampling)
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def remote_stats(llm) -> dict:
+    return llm.llm_engine.engine_core.engine_core.scheduler.connector._scheduler.remote_stats
+
+
+def wait_for(check, what: str, limit_s: float = 60.0):
+    """Polls ``check`` (a safety net against hangs, not a speed assertion)."""
+    end = time.monotonic() + limit_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(make_engine, tiny_model):
+    llm = make_engine(EngineSettings(model=tiny_model, **SETTINGS))
+    return tokens(llm.generate(PROMPTS, greedy()))
+
+
+@pytest.fixture(scope="module")
+def prefill_server(tiny_model, tmp_path_factory):
+    stats_port = free_port()
+    config = connector("prefill-0", stats_port, side_channel_port=free_port())
+    settings = EngineSettings(model=tiny_model, kv_transfer_config=config, **SETTINGS)
+    with VLLMServer(settings, tmp_path_factory.mktemp("prefill") / "server.log", served_name="tiny") as server:
+        yield Prefill(server, f"http://127.0.0.1:{stats_port}/stats")
+
+
+@pytest.fixture(scope="module")
+def decode_engine(reference, make_engine, tiny_model):
+    return make_engine(EngineSettings(model=tiny_model, kv_transfer_config=connector("decode-0"), **SETTINGS))
+
+
+def test_decode_pulls_prefill_blocks_token_for_token(reference, prefill_server, decode_engine):
+    params = [prefill(prefill_server, p) for p in PROMPTS]
+    assert params[3] is None  # one block or less: nothing handed off
+    for p in params[:3]:
+        assert p["do_remote_prefill"] is True and p["kvbm"]["num_blocks"] >= 1
+    outputs = decode(decode_engine, PROMPTS, params)
+    assert tokens(outputs) == reference
+    pulled = sum(p["kvbm"]["num_blocks"] for p in params[:3])
+    stats = remote_stats(decode_engine)
+    assert stats["pulls"]["blocks_pulled"] == pulled and stats["pulls"]["blocks_failed"] == 0
+    # Every pulled block was verified and none was handed back to vLLM to recompute.
+    assert stats["pulls"]["checksum_failures"] == 0 and stats["load_error_blocks"] == 0
+    # Every hold ends once read: the prefill frees its blocks.
+    holds = wait_for(lambda: (h := prefill_server.holds())["holding"] == 0 and h, "the prefill's holds to end")
+    assert holds["read"] == 3 and holds["unclaimed"] == 0
+
+
+def test_unclaimed_hold_ends_at_lease(prefill_server):
+    before = prefill_server.holds()
+    params = prefill(prefill_server, PROMPTS[1] + " never decoded")
+    assert params is not None
+    holds = wait_for(lambda: (h := prefill_server.holds())["unclaimed"] > before["unclaimed"] and h,
+                     "the unclaimed hold to end", limit_s=LEASE_S * 10)
+    assert holds["holding"] == 0
+
+
+def test_bad_handoffs_recompute(prefill_server, decode_engine):
+    prompts = [f"Handoff case {i}: " + "the side channel answers with a grant " * 30 for i in range(3)]
+    good = [prefill(prefill_server, p) for p in prompts]
+    wrong_hash = json.loads(json.dumps(good[0]))
+    wrong_hash["kvbm"]["last_hash"] = "00" * 16
+    dead_peer = json.loads(json.dumps(good[1]))
+    dead_peer["kvbm"]["source"] = f"127.0.0.1:{free_port()}"
+    malformed = {"do_remote_prefill": True, "kvbm": {"source": 5}}
+    before = remote_stats(decode_engine)["pulls"]
+    outputs = decode(decode_engine, prompts, [wrong_hash, dead_peer, malformed])
+    after = remote_stats(decode_engine)["pulls"]
+    # Only the dead peer was tried; it failed as unreachable and its blocks were recomputed.
+    assert after["jobs_failed"] == before["jobs_failed"] + 1
+    assert after["failures"].get("unreachable", 0) == before["failures"].get("unreachable", 0) + 1
+    # The same prompts with no handoff (now from the decode's own prefix cache) agree.
+    assert tokens(outputs) == tokens(decode(decode_engine, prompts, [None] * 3))
+
+
+def test_dead_prefill_means_recompute(prefill_server, decode_engine):
+    prompt = "A prompt this decode worker never saw: " + "the prefill dies after answering " * 30
+    params = prefill(prefill_server, prompt)
+    prefill_server.server.stop()
+    before = remote_stats(decode_engine)["pulls"]["jobs_failed"]
+    outputs = decode(decode_engine, [prompt], [params])
+    assert remote_stats(decode_engine)["pulls"]["jobs_failed"] == before + 1
+    assert tokens(outputs) == tokens(decode(decode_engine, [prompt], [None]))
