@@ -12,6 +12,7 @@ repeats must come back from kvbm's G2.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -187,6 +188,39 @@ def test_stats_endpoint_serves_json_and_prometheus(make_engine, tiny_model):
     with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
         text = response.read().decode()
     assert 'kvbm_capacity_blocks{tier="g2"} 512' in text
+    for path, status in (("/published?since=x", 400), ("/nope", 404)):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert error.value.code == status
+
+
+def test_router_index_hashes_prompts_like_the_worker(make_engine, tiny_model):
+    """KV-aware routing's view: a router hashes a prompt exactly as the worker that cached it."""
+    import asyncio
+
+    import httpx
+
+    from kvbm.serving.kv_index import KvIndex
+
+    llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1, kv_transfer_config=kvbm_config(stats_port=0)))
+    llm.generate(PROMPTS[4:6], greedy())
+    base = f"http://127.0.0.1:{llm.llm_engine.engine_core.engine_core.scheduler.connector.stats_port}"
+    index = KvIndex(tiny_model)
+    index.add_worker("w", base)
+
+    async def refresh():
+        async with httpx.AsyncClient() as client:
+            await index.refresh(client)
+
+    asyncio.run(refresh())
+    body = {"prompt": PROMPTS[4]}
+    hashes = index.prompt_hashes(body)
+    full_blocks = len(llm.get_tokenizer()(PROMPTS[4])["input_ids"]) // BLOCK
+    assert len(hashes) == full_blocks > 0
+    # Write-through offload put every full block computed into G2: all are published.
+    assert all(h in index.published("w") for h in hashes[: full_blocks - 1])
+    assert not any(h in index.published("w") for h in index.prompt_hashes({"prompt": PROMPTS[7]}))
+    assert index.prompt_hashes({"prompt": 5}) == () and index.published("gone") == ()
 
 
 @pytest.mark.parametrize("extra, field", [

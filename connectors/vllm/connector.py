@@ -50,8 +50,7 @@ class KVBMConnector(KVConnectorBase_V1):
             transfer.kv_load_failure_policy = self._config.load_failure.value
             self._scheduler = SchedulerSide(self._config, vllm_config, kv_cache_config)
             if self._config.stats_port is not None:
-                self._stats_server = StatsServer(lambda: self._scheduler.stats, self._config.stats_host,
-                                                 self._config.stats_port, lambda: self._scheduler.remote_stats)
+                self._stats_server = StatsServer(self._scheduler, self._config.stats_host, self._config.stats_port)
                 logger.info("kvbm stats on http://%s:%d/stats", self._config.stats_host, self._stats_server.port)
         else:
             from kvbm.connectors.vllm.worker import WorkerSide

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvbm.hashing import BlockExtras, BlockHasher, HashedBlocks
-from kvbm.ids import JobId
+from kvbm.ids import JobId, Tier
 from kvbm.manager import BlockManager
 from kvbm.policy import OffloadPolicy
+from kvbm.remote.publication import Publication
 from kvbm.stats import KvbmStats
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.engine_layout import block_bytes, check_supported, layout_fingerprint
@@ -89,6 +91,11 @@ class SchedulerSide:
         self._stats = self._manager.stats()
         self._side_channel = _configured_side_channel(config)  # else learnt from the worker
         self._remote_stats: dict | None = None
+        self._fingerprint = fingerprint
+        # The hashes G2/G3 hold, for KV-aware routers (read from the stats server's threads).
+        name = config.remote.worker if config.remote is not None else "local"
+        self._publication = Publication(name, (Tier.G2, Tier.G3))
+        self._publication_lock = threading.Lock()
 
     @property
     def stats(self) -> KvbmStats:
@@ -164,6 +171,9 @@ class SchedulerSide:
             self._offload_computed(req_id, state, cached.num_computed_tokens[i] + scheduled[req_id])
         # G2 -> G3 demotions belong to no request: nothing waits for them.
         self._step.stores.extend((None, job) for job in self._manager.take_jobs())
+        if events := self._manager.take_events():
+            with self._publication_lock:
+                self._publication.apply(events)
         meta, self._step = self._step, KvbmConnectorMetadata()
         return meta
 
@@ -203,6 +213,15 @@ class SchedulerSide:
             return True, params
         del self._requests[request.request_id]
         return False, None
+
+    def published(self, since: int | None) -> dict[str, Any]:
+        """The hashes G2/G3 hold (a snapshot, or a delta since version ``since``)."""
+        with self._publication_lock:
+            return self._publication.export(since)
+
+    def layout(self) -> dict[str, Any]:
+        """How this worker hashes prompts (the layout fingerprint's fields)."""
+        return dataclasses.asdict(self._fingerprint)
 
     def has_pending_jobs(self) -> bool:
         return bool(self._job_owner)

@@ -3,7 +3,8 @@
 The scheduler-side connector snapshots :meth:`BlockManager.stats` every step. The snapshot
 travels to vLLM's stats logger as :class:`KvbmConnectorStats` (vLLM logs it and feeds
 :class:`KvbmPromMetrics`), and is served as JSON and Prometheus text by
-:class:`StatsServer` when ``stats_port`` is configured.
+:class:`StatsServer` when ``stats_port`` is configured, beside what KV-aware routers read
+(the hashes the worker can serve, and how it hashes prompts).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import dataclasses
 import http.server
 import json
 import threading
-from collections.abc import Callable
-from typing import Any
+import urllib.parse
+from typing import Any, Protocol
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
@@ -74,22 +75,40 @@ class KvbmPromMetrics(KVConnectorPromMetrics):
                 gauge.labels(*labels).set(tier[field])
 
 
+class StatsSource(Protocol):
+    """What :class:`StatsServer` serves; every method is called from the server's threads."""
+
+    @property
+    def stats(self) -> KvbmStats:
+        """The latest immutable block-pool snapshot."""
+
+    @property
+    def remote_stats(self) -> dict | None:
+        """The remote endpoint's latest counters (JSON-safe), or None without one."""
+
+    def published(self, since: int | None) -> dict[str, Any]:
+        """The block hashes this worker can serve: a snapshot, or a delta since a version
+        (:meth:`kvbm.remote.Publication.export`)."""
+
+    def layout(self) -> dict[str, Any]:
+        """The layout fingerprint's fields: what a router needs to hash prompts as we do."""
+
+
 class StatsServer:
-    """Serves ``/stats`` (JSON) and ``/metrics`` (Prometheus text) from a snapshot source.
+    """Serves a worker's block-pool state over HTTP for routers and operators.
+
+    Routes: ``/stats`` (JSON; the remote endpoint's counters under ``"remote"``), ``/metrics``
+    (Prometheus text), ``/published[?since=N]`` (servable hashes, for KV-aware routing) and
+    ``/layout`` (how to hash prompts like this worker).
 
     Args:
-        snapshot: returns the latest stats; called from the server thread, so it must only
-            read an immutable snapshot.
-        remote: returns the remote endpoint's latest counters (a JSON-safe dict, or None),
-            served under ``"remote"`` and as ``kvbm_remote_*`` metrics.
+        source: what to serve (the scheduler-side connector).
         host: address to bind (loopback by default: stats are not for the open network).
         port: TCP port; 0 picks a free one (see :attr:`port`).
     """
 
-    def __init__(self, snapshot: Callable[[], KvbmStats], host: str = "127.0.0.1", port: int = 0,
-                 remote: Callable[[], dict | None] = lambda: None) -> None:
-        handler = _handler_class(snapshot, remote)
-        self._server = http.server.ThreadingHTTPServer((host, port), handler)
+    def __init__(self, source: StatsSource, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = http.server.ThreadingHTTPServer((host, port), _handler_class(source))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="kvbm-stats", daemon=True)
         self._thread.start()
@@ -103,27 +122,39 @@ class StatsServer:
         self._server.server_close()
 
 
-def _handler_class(snapshot: Callable[[], KvbmStats],
-                   remote: Callable[[], dict | None]) -> type[http.server.BaseHTTPRequestHandler]:
+def _handler_class(source: StatsSource) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path == "/stats":
-                stats = snapshot().to_dict()
-                if (counters := remote()) is not None:
-                    stats["remote"] = counters
-                body, kind = json.dumps(stats, sort_keys=True).encode(), "application/json"
-            elif self.path == "/metrics":
-                text = snapshot().to_prometheus() + _remote_prometheus(remote())
-                body, kind = text.encode(), "text/plain; version=0.0.4"
+            url = urllib.parse.urlsplit(self.path)
+            try:
+                body, kind = self._route(url.path, urllib.parse.parse_qs(url.query))
+            except LookupError as error:
+                self._reply(404, json.dumps({"error": str(error)}).encode(), "application/json")
+            except ValueError as error:
+                self._reply(400, json.dumps({"error": str(error)}).encode(), "application/json")
             else:
-                body, kind = json.dumps({"error": f"unknown path {self.path}"}).encode(), "application/json"
-                self.send_response(404)
-                self._reply(body, kind)
-                return
-            self.send_response(200)
-            self._reply(body, kind)
+                self._reply(200, body, kind)
 
-        def _reply(self, body: bytes, kind: str) -> None:
+        def _route(self, path: str, query: dict[str, list[str]]) -> tuple[bytes, str]:
+            if path == "/stats":
+                stats = source.stats.to_dict()
+                if (counters := source.remote_stats) is not None:
+                    stats["remote"] = counters
+                return json.dumps(stats, sort_keys=True).encode(), "application/json"
+            if path == "/metrics":
+                text = source.stats.to_prometheus() + _remote_prometheus(source.remote_stats)
+                return text.encode(), "text/plain; version=0.0.4"
+            if path == "/published":
+                since = query.get("since", [None])[0]
+                if since is not None and not since.isdigit():
+                    raise ValueError(f"since must be a version number, got {since!r}")
+                return json.dumps(source.published(None if since is None else int(since))).encode(), "application/json"
+            if path == "/layout":
+                return json.dumps(source.layout()).encode(), "application/json"
+            raise LookupError(f"unknown path {path}; try /stats, /metrics, /published, /layout")
+
+        def _reply(self, status: int, body: bytes, kind: str) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

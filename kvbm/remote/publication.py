@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import collections
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from kvbm.events import BlockRemoved, BlockStored, KvEvent
@@ -129,6 +129,12 @@ class PublishedView:
 
     def __contains__(self, block_hash: object) -> bool:
         return block_hash in self._hashes
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __iter__(self) -> Iterator[BlockHash]:
+        return iter(self._hashes)
 
     def apply(self, message: Mapping[str, Any]) -> bool:
         """Apply a snapshot or a delta; False (view unchanged) for a delta that does not start
