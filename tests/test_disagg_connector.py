@@ -142,6 +142,15 @@ def test_unclaimed_hold_ends_at_lease(prefill_server):
     assert holds["holding"] == 0
 
 
+def test_decode_with_the_blocks_already_releases_the_hold(prefill_server, decode_engine):
+    before = prefill_server.holds()
+    params = prefill(prefill_server, PROMPTS[0])  # the decode engine cached this prompt above
+    decode(decode_engine, [PROMPTS[0]], [params])
+    holds = wait_for(lambda: (h := prefill_server.holds())["holding"] == 0 and h, "the released hold to end")
+    # Ended as read, long before its LEASE_S would have run out as unclaimed.
+    assert holds["read"] == before["read"] + 1 and holds["unclaimed"] == before["unclaimed"]
+
+
 def test_bad_handoffs_recompute(prefill_server, decode_engine):
     prompts = [f"Handoff case {i}: " + "the side channel answers with a grant " * 30 for i in range(3)]
     good = [prefill(prefill_server, p) for p in prompts]

@@ -115,6 +115,15 @@ def test_shared_blocks_stay_while_another_hold_names_them():
     assert held.pin([h(1), h(2)]).block_ids.tolist() == [10, 11]
 
 
+def test_release_ends_the_oldest_unread_hold():
+    held = HeldBlocks(hold_s=30, clock=Clock())
+    held.hold("a", [h(1), h(2)], [10, 11])
+    held.hold("b", [h(1), h(2)], [10, 11])
+    assert held.release([h(9)]) == 0
+    assert held.release([h(2)]) == 1
+    assert held.take_ended() == {"a"} and held.counters().read == 1
+
+
 def test_duplicate_hold_and_length_mismatch_refused():
     held = HeldBlocks(hold_s=30)
     held.hold("a", [h(1)], [10])

@@ -5,7 +5,8 @@ connector answered ``request_finished`` with True) and the scheduler tells the w
 them. A decode worker then asks the side channel for the blocks by hash; the remote endpoint
 pins them here (:meth:`pin`, a :class:`~kvbm.remote.BlockPinner`) and leases them until the
 reader is done. A hold ends, and vLLM may free the blocks, once it was read (its lease
-ended) or ``hold_s`` passed without a reader, and no lease still pins any of its blocks.
+ended, or the reader said it had the blocks already: :meth:`release`) or ``hold_s`` passed
+without a reader, and no lease still pins any of its blocks.
 
 Threads: ``pin``/``unpin``/``wait_ready`` run on the remote endpoint's threads (side channel,
 progress), ``hold``/``take_ended`` on the worker's; one condition guards everything.
@@ -123,9 +124,18 @@ class HeldBlocks:
                 else:
                     del self._pins[b]
             # The reader is finished with this request (done, dead or cut off): its hold
-            # need not wait for hold_s. Mark the oldest unread hold ending in these blocks.
-            if lease.hashes:
-                for hold in self._holds.values():
-                    if not hold.read and hold.hashes[-1] in lease.hashes:
-                        hold.read = True
-                        break
+            # need not wait for hold_s.
+            self._mark_read(lease.hashes)
+
+    def release(self, hashes: Sequence[BlockHash]) -> int:
+        with self._cond:
+            return self._mark_read(hashes)
+
+    def _mark_read(self, hashes: Sequence[BlockHash]) -> int:
+        """Mark the oldest unread hold ending in one of ``hashes`` as read; returns 1 or 0."""
+        if hashes:
+            for hold in self._holds.values():
+                if not hold.read and hold.hashes[-1] in hashes:
+                    hold.read = True
+                    return 1
+        return 0

@@ -69,12 +69,15 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
         await_saves: finished requests whose blocks vLLM keeps until the worker reports
             their stores done and their holds ended (``finished_sending``).
         holds: finished requests' blocks to hold for remote readers.
+        releases: ``(source, hashes)``: tell a remote prefill we will not read the blocks it
+            holds ending in ``hashes`` (we had them already, or they do not match).
     """
 
     loads: list[RequestLoad] = dataclasses.field(default_factory=list)
     stores: list[tuple[str | None, TransferJob]] = dataclasses.field(default_factory=list)
     await_saves: set[str] = dataclasses.field(default_factory=set)
     holds: list[HeldRequest] = dataclasses.field(default_factory=list)
+    releases: list[tuple[str, tuple[BlockHash, ...]]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -127,9 +127,12 @@ class SchedulerSide:
         return blocks * bs, blocks >= self._config.async_load_min_blocks or state.remote_end > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        if num_external_tokens == 0:
+        state = self._requests.get(request.request_id)
+        if state is None:
             return
-        state = self._requests[request.request_id]
+        if num_external_tokens == 0:
+            self._release_handoff(state)  # everything was here already
+            return
         start, count = state.load_start, num_external_tokens // self._block_size
         block_ids = blocks.get_block_ids()[0][start : start + count]
         local = min(count, state.local_blocks)
@@ -145,6 +148,7 @@ class SchedulerSide:
             remote = RemotePull(state.handoff.source, state.blocks.hashes[start + local : start + count],
                                 list(block_ids[local:count]))
             state.handoff = None
+        self._release_handoff(state)
         self._step.loads.append(RequestLoad(
             req_id=request.request_id, jobs=jobs, missing_block_ids=missing,
             asynchronous=count >= self._config.async_load_min_blocks or remote is not None, remote=remote))
@@ -199,6 +203,7 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is None:
             return False, None
+        self._release_handoff(state)  # a decode request that ended before its pull
         params = self._hold_for_decode(request, state, block_ids)
         if self._config.kvbm.offload_policy is OffloadPolicy.ON_EVICTION:
             # vLLM reports no G1 evictions; a finished request's blocks are the ones it may now
@@ -270,9 +275,15 @@ class SchedulerSide:
             logger.warning("kvbm: request %s: the prefill's %d blocks do not match this worker's hashes "
                            "of the prompt (another model, layout or prompt?); computing it here",
                            state.request.request_id, count)
-            state.handoff = None
+            self._release_handoff(state)
             return 0
         return count
+
+    def _release_handoff(self, state: _RequestState) -> None:
+        """Free the prefill's hold now (not at its end) when this request will not pull it."""
+        if state.handoff is not None:
+            self._step.releases.append((state.handoff.source, (state.handoff.last_hash,)))
+            state.handoff = None
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -137,6 +137,8 @@ class WorkerSide:
             self._submit(stores, req_id, job)
         for held in meta.holds:
             self._require(self._held).hold(held.req_id, held.hashes, held.block_ids)
+        for source, hashes in meta.releases:
+            self._require(self._remote).release_hashes(source, hashes)
         self._awaiting |= meta.await_saves
 
     def handle_preemptions(self) -> None:

@@ -7,7 +7,11 @@ op             request                                   reply
 ``grant``      ``reader``, ``hashes`` (base64 of 16-byte  ``grant``: BlockGrant dict or null,
                hashes)                                   ``metadata``: PeerMetadata dict
 ``published``  ``since``: version or null                ``published``: snapshot or delta dict
+``release``    ``hashes`` (as for ``grant``)              ``released``: how many holds ended
 =============  ========================================  ==========================================
+
+``release`` tells a source that a reader will not read blocks it holds for it (the reader had
+them already), so the source frees them now instead of at the end of its hold.
 
 Client functions raise :class:`~kvbm.remote.failures.RemoteError` (UNREACHABLE) for anything
 the peer did not answer properly, including a malformed reply.
@@ -65,12 +69,24 @@ def fetch_published(address: str, since: int | None, timeout_s: float) -> dict[s
     return _parse(address, lambda: dict(reply["published"]))
 
 
+def request_release(address: str, hashes: Sequence[BlockHash], timeout_s: float) -> int:
+    """Tell the worker at ``address`` we will not read the blocks it holds ending in ``hashes``;
+    returns how many holds it ended.
+
+    Raises:
+        RemoteError: UNREACHABLE.
+    """
+    reply = request(address, {"op": "release", "hashes": join_hashes(list(hashes))}, timeout_s)
+    return _parse(address, lambda: int(reply["released"]))
+
+
 def server_handlers(
     metadata: Callable[[], PeerMetadata],
     grant: Callable[[AgentName, tuple[BlockHash, ...]], BlockGrant | None],
     published: Callable[[int | None], dict[str, Any]],
+    release: Callable[[tuple[BlockHash, ...]], int] = lambda hashes: 0,
 ) -> dict[str, Handler]:
-    """Handlers for :class:`~kvbm.remote.sidechannel.SideChannelServer` over three callables."""
+    """Handlers for :class:`~kvbm.remote.sidechannel.SideChannelServer` over these callables."""
 
     def on_metadata(req: Mapping[str, Any]) -> dict[str, Any]:
         return {"metadata": metadata().to_dict()}
@@ -89,7 +105,10 @@ def server_handlers(
             raise ValueError(f"since must be an int or null, got {since!r}")
         return {"published": published(since)}
 
-    return {"metadata": on_metadata, "grant": on_grant, "published": on_published}
+    def on_release(req: Mapping[str, Any]) -> dict[str, Any]:
+        return {"released": release(split_hashes(base64.b64decode(req["hashes"])))}
+
+    return {"metadata": on_metadata, "grant": on_grant, "published": on_published, "release": on_release}
 
 
 def _parse(address: str, fn: Callable[[], Any]) -> Any:

@@ -29,6 +29,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import itertools
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -75,6 +76,8 @@ class PullCounters:
     heartbeats_sent: int
     handles_retained: int
     in_flight: int
+    releases: int = 0  # holds given up without reading (the blocks were here already)
+    releases_failed: int = 0
 
 
 class PullEngine:
@@ -105,7 +108,9 @@ class PullEngine:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._orphans: list[concurrent.futures.Future] = []  # grants resolved after their job died
         self._retained: list[ReadHandle] = []  # NIXL requests that refused release
-        self._counts = dict.fromkeys(("ok", "failed", "blocks", "bytes", "blocks_failed", "corrupt"), 0)
+        self._counts = dict.fromkeys(
+            ("ok", "failed", "blocks", "bytes", "blocks_failed", "corrupt", "releases", "releases_failed"), 0)
+        self._release_lock = threading.Lock()
         self._failures: dict[str, int] = {}
         self._finished: list[JobResult] = []  # ended inside submit, returned by the next poll
 
@@ -193,6 +198,16 @@ class PullEngine:
         """Give up a held grant: the source is told (batched) it may free the blocks."""
         self._keeper.release(grant.source, grant.lease_id)
 
+    def release(self, address: str, hashes: Sequence[BlockHash]) -> None:
+        """Send a ``release`` to ``address`` from a background thread; a failure is counted
+        (the source frees the blocks at the end of its hold anyway)."""
+        future = self._executor().submit(exchange.request_release, address, tuple(hashes), self._timeout_s)
+        future.add_done_callback(self._count_release)
+
+    def _count_release(self, future: concurrent.futures.Future) -> None:
+        with self._release_lock:  # callbacks run on the pool's threads
+            self._counts["releases_failed" if future.exception() is not None else "releases"] += 1
+
     def poll(self) -> list[JobResult]:
         """Advance every job; return those that finished, each exactly once."""
         finished, self._finished = self._finished, []
@@ -218,6 +233,8 @@ class PullEngine:
             heartbeats_sent=self._keeper.heartbeats_sent,
             handles_retained=len(self._retained),
             in_flight=len(self._jobs),
+            releases=c["releases"],
+            releases_failed=c["releases_failed"],
         )
 
     def close(self) -> list[JobResult]:

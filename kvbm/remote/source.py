@@ -54,6 +54,10 @@ class BlockPinner(Protocol):
     def unpin(self, lease: Lease, how: LeaseEnd) -> None:
         """The lease ended: its blocks may be evicted or reused again."""
 
+    def release(self, hashes: Sequence[BlockHash]) -> int:
+        """A reader will not read the held blocks ending in one of ``hashes``: free them
+        without waiting for their hold to run out. Returns how many holds ended."""
+
     def wait_ready(self, hashes: Sequence[BlockHash], timeout_s: float) -> None:
         """Wait (at most ``timeout_s``, outside the source's lock) until ``hashes[0]`` may be
         pinned. A reader can ask before the owner has handed the blocks over (a prefill's
@@ -66,6 +70,9 @@ class NoPinner:
 
     def pin(self, hashes: Sequence[BlockHash]) -> PinnedBlocks | None:
         return None
+
+    def release(self, hashes: Sequence[BlockHash]) -> int:
+        return 0
 
     def wait_ready(self, hashes: Sequence[BlockHash], timeout_s: float) -> None:
         return None
@@ -143,6 +150,11 @@ class BlockSource:
             self.revoke(lease.lease_id)
             raise
         return self._grant_of(lease, sums)
+
+    def release_hashes(self, hashes: Sequence[BlockHash]) -> int:
+        """A reader gives up blocks held for it by their owner (see ``BlockPinner.release``)."""
+        with self._lock:
+            return self._pinner.release(hashes)
 
     def revoke(self, lease_id: int) -> None:
         """End a lease now as REVOKED (the owner withdraws it); unknown ids are ignored."""

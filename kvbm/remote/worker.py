@@ -116,7 +116,8 @@ class RemoteWorker:
                 self._server = SideChannelServer(
                     config.side_channel_host,
                     config.side_channel_port,
-                    exchange.server_handlers(lambda: self._metadata, self._source.grant_hashes, self._export),
+                    exchange.server_handlers(lambda: self._metadata, self._source.grant_hashes, self._export,
+                                             self._source.release_hashes),
                     timeout_s=config.side_channel_timeout_s,
                 )
             except OSError:
@@ -209,6 +210,11 @@ class RemoteWorker:
     ) -> JobId:
         """Pull blocks by hash from the worker at ``address`` (see :meth:`PullEngine.submit_hashes`)."""
         return self._pulls.submit_hashes(address, hashes, local_tier, local_ids, deadline_s=deadline_s)
+
+    def release_hashes(self, address: str, hashes: Sequence[BlockHash]) -> None:
+        """Tell the worker at ``address``, in the background, that we will not read the blocks
+        it holds ending in ``hashes`` (see :func:`kvbm.remote.exchange.request_release`)."""
+        self._pulls.release(address, hashes)
 
     def apply_events(self, events: Iterable[KvEvent]) -> int:
         """Fold the manager's stored/removed events into the publication; returns its version."""
