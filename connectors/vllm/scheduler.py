@@ -28,6 +28,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from vllm.v1.request import RequestStatus
 
 from kvbm.hashing import BlockExtras, BlockHasher, HashedBlocks
 from kvbm.ids import JobId, Tier
@@ -45,8 +46,6 @@ from kvbm.connectors.vllm.metadata import (
     RemotePull,
     RequestLoad,
 )
-
-from vllm.v1.request import RequestStatus
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
