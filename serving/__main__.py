@@ -1,7 +1,11 @@
 """kvbm's command line: ``python -m kvbm.serving <command>`` (or ``kvbm <command>``).
 
 Commands:
-    demo    start a vLLM OpenAI server on the embedded model, send one completion, print it, stop
+    serve   N prefill + M decode vLLM servers with kvbm's connector behind kvbm's router,
+            until Ctrl-C or SIGTERM
+    demo    the same stack (1 prefill + 1 decode on the embedded model by default): a few
+            completions, their TTFT and every worker's block stats, then a clean stop;
+            ``--prefill 0`` serves them aggregated
     model   build (once) the embedded model and print its directory
 """
 
@@ -12,47 +16,151 @@ import json
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+import httpx
+
 from kvbm.serving.embedded_model import PRESETS, ensure_model
-from kvbm.serving.server_process import ServerStartError, VLLMServer
+from kvbm.serving.router_config import RouterConfig
+from kvbm.serving.serve import (ServeOptions, ServeStack, describe, serve_until_signal,
+                                signals_interrupt)
+from kvbm.serving.server_process import ServerStartError
 from kvbm.serving.vllm_settings import EngineSettings
 
-DEFAULT_PROMPT = "The block manager keeps every KV block in the fastest tier that has room, and"
+# Two prompts share this prefix (several KV blocks), so the second reuses its blocks.
+SHARED_PREFIX = (
+    "kvbm names every KV block by the chained hash of its tokens, so two requests that share a "
+    "prefix share its blocks. A prefill worker computes the prompt, keeps its blocks under a "
+    "lease and offloads them to host memory; the decode worker pulls the blocks it lacks over "
+    "NIXL straight into its own cache, verifies their checksums and releases the lease. A block "
+    "that fails its check is never handed to the engine: it is recomputed. ")
+DEMO_REQUESTS = (  # (prompt, stream)
+    (SHARED_PREFIX + "Question: what does the prefill worker hand to the decode worker?\nAnswer:",
+     False),
+    (SHARED_PREFIX + "Question: what happens to a block that fails its checksum?\nAnswer:", False),
+    ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", True),
+)
 
 
-def _complete(base_url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0}).encode()
-    request = urllib.request.Request(base_url + "/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.load(response)
+def _model_arg(value: str) -> str:
+    if value in PRESETS or (Path(value) / "config.json").is_file():
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model directory")
+
+
+def _count(minimum: int):
+    def parse(value: str) -> int:
+        if not value.isdigit() or int(value) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return int(value)
+    return parse
+
+
+def _options(args: argparse.Namespace, router: dict) -> ServeOptions:
+    """The stack the parsed flags describe (builds the embedded model when it is named)."""
+    if args.model in PRESETS:
+        model, served_name = ensure_model(args.model), args.model
+    else:
+        model = Path(args.model).resolve()
+        served_name = model.name
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"kvbm-{args.command}-"))
+    engine = EngineSettings(model=model, dtype=args.dtype, chat_template=args.chat_template)
+    return ServeOptions(engine=engine, router=RouterConfig(model_name=served_name, **router),
+                        log_dir=log_dir, prefill=args.prefill, decode=args.decode)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        options = _options(args, {"host": args.host, "port": args.port,
+                                  "admin_token": args.admin_token})
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return serve_until_signal(options)
+
+
+def _complete(client: httpx.Client, model: str, prompt: str, stream: bool,
+              max_tokens: int) -> tuple[str, float, int]:
+    """(completion, seconds to the first token, completion tokens). Without streaming the
+    first token arrives with the whole reply."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    sent = time.monotonic()
+    if not stream:
+        reply = client.post("/v1/completions", json=body)
+        reply.raise_for_status()
+        answer = reply.json()
+        return answer["choices"][0]["text"], time.monotonic() - sent, answer["usage"]["completion_tokens"]
+    parts: list[str] = []
+    first, tokens = None, 0
+    body["stream_options"] = {"include_usage": True}
+    with client.stream("POST", "/v1/completions", json=body) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                raise RuntimeError(f"stream failed: {event['error']['message']}")
+            if event["choices"] and first is None:
+                first = time.monotonic() - sent
+            parts += [choice["text"] for choice in event["choices"]]
+            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    return "".join(parts), first or 0.0, tokens
+
+
+def _block_stats_line(worker: dict) -> str:
+    """One worker's G2 hits and blocks and the blocks it pulled from peers."""
+    stats = worker.get("block_stats") or {"error": "no stats endpoint"}
+    if "error" in stats:
+        return f"  {worker['id']} {worker['role']}: stats unavailable ({stats['error']})"
+    g2 = stats.get("tiers", {}).get("g2", {})
+    pulled = stats.get("remote", {}).get("pulls", {}).get("blocks_pulled", "n/a")
+    return (f"  {worker['id']} {worker['role']}: G2 hits {g2.get('hits', 0)} of "
+            f"{g2.get('hits', 0) + g2.get('misses', 0)} looked-up blocks, G2 holds "
+            f"{g2.get('used_blocks', 0)} blocks, remote blocks pulled {pulled}")
+
+
+def _demo_requests(stack: ServeStack, max_tokens: int) -> dict:
+    """Sends the demo's requests one after another, prints each; returns the router's /stats."""
+    model = stack.options.router.model_name
+    with httpx.Client(base_url=stack.url, timeout=300) as client:
+        for number, (prompt, stream) in enumerate(DEMO_REQUESTS, 1):
+            text, ttft, tokens = _complete(client, model, prompt, stream, max_tokens)
+            how = "streamed" if stream else "not streamed: the whole reply"
+            shared = " (shares a long prefix with another request)" if prompt.startswith(SHARED_PREFIX) else ""
+            print(f"[{number}] prompt: {len(prompt)} characters{shared}")
+            print(f"[{number}] completion: {text!r}")
+            print(f"[{number}] ttft: {ttft * 1000:.0f} ms ({how}), {tokens} tokens", flush=True)
+        return client.get("/stats").json()
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    model_dir = ensure_model(args.preset)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="kvbm-demo-"))
-    settings = EngineSettings(model=model_dir)
-    print(f"model: {model_dir}")
-    print(f"starting vLLM server (log: {log_dir / 'server.log'}) ...", flush=True)
+    options = _options(args, {})
+    print(f"model: {options.engine.model}")
+    print(f"starting {options.prefill} prefill + {options.decode} "
+          f"{'decode' if options.prefill else 'aggregated'} workers and the router "
+          f"(logs: {options.log_dir}) ...", flush=True)
     started = time.monotonic()
-    try:
-        with VLLMServer(settings, log_dir / "server.log", served_name=args.preset) as server:
-            print(f"healthy at {server.url} after {time.monotonic() - started:.1f} s", flush=True)
-            sent = time.monotonic()
-            reply = _complete(server.url, args.preset, args.prompt, args.max_tokens)
-            elapsed = time.monotonic() - sent
-    except ServerStartError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    usage = reply.get("usage", {})
-    print(f"prompt: {args.prompt!r}")
-    print(f"completion: {reply['choices'][0]['text']!r}")
-    print(f"tokens: {usage.get('prompt_tokens')} prompt, {usage.get('completion_tokens')} "
-          f"completion, {elapsed * 1000:.0f} ms")
-    print("server stopped")
+    with signals_interrupt():
+        try:
+            with ServeStack(options) as stack:
+                print(f"ready at {stack.url} after {time.monotonic() - started:.1f} s:",
+                      *describe(stack), sep="\n", flush=True)
+                stats = _demo_requests(stack, args.max_tokens)
+                print("stopping ...", flush=True)
+        except (ServerStartError, OSError, httpx.HTTPError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted; stopped", file=sys.stderr)
+            return 130
+    print("block stats (per worker, from the router's /stats):")
+    print(*(_block_stats_line(worker) for worker in stats["workers"]), sep="\n")
+    print(f"router: {stats['requests']} requests, {stats['disaggregated']} prefilled on another "
+          f"worker, TTFT p50 {stats['ttft_s']['p50'] * 1000:.0f} ms")
+    print("stopped")
     return 0
 
 
@@ -61,16 +169,34 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_flags(parser: argparse.ArgumentParser, dtype: str) -> None:
+    parser.add_argument("--model", default="tiny", type=_model_arg,
+                        help="an embedded model preset or a model directory (default: tiny)")
+    parser.add_argument("--prefill", type=_count(0), default=1,
+                        help="prefill workers; 0 serves aggregated (default: 1)")
+    parser.add_argument("--decode", type=_count(1), default=1, help="decode workers (default: 1)")
+    parser.add_argument("--dtype", default=dtype, help=f"weights and KV dtype (default: {dtype})")
+    parser.add_argument("--chat-template", type=Path, default=None,
+                        help="Jinja chat template file for models without one")
+    parser.add_argument("--log-dir", default=None, help="worker logs (default: a new temp dir)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvbm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="one server, one completion, on the embedded model")
-    demo.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
+    serve = commands.add_parser("serve", help="prefill + decode workers behind a router")
+    _stack_flags(serve, dtype="bfloat16")
+    serve.add_argument("--host", default="127.0.0.1", help="router address (default: loopback)")
+    serve.add_argument("--port", type=int, default=8000, help="router port (default: 8000)")
+    serve.add_argument("--admin-token", default=None,
+                       help="bearer token for /admin routes (required off loopback)")
+    serve.set_defaults(run=run_serve)
+
+    demo = commands.add_parser("demo", help="the serve stack answers a few completions, then stops")
+    _stack_flags(demo, dtype="float32")
     demo.add_argument("--max-tokens", type=int, default=32)
-    demo.add_argument("--log-dir", default=None, help="server logs (default: a new temp dir)")
     demo.set_defaults(run=run_demo)
 
     model = commands.add_parser("model", help="build the embedded model, print its directory")

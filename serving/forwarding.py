@@ -79,7 +79,8 @@ class Forwarder:
         hop = Hop.AGGREGATED
         prefill_candidates = self._pool.candidates([WorkerRole.PREFILL])
         if prefill_candidates and self._pool.candidates(DECODE_ROLES):
-            hashes = self._prompt_hashes(body)
+            # Tokenizing costs the request time; with one candidate there is nothing to choose.
+            hashes = self._prompt_hashes(body) if len(prefill_candidates) > 1 else ()
             prefill = choose_prefill(prefill_candidates, hashes, self._published)
             body = await self._prefill(prefill, endpoint, body)
             hop = Hop.DECODE

@@ -7,7 +7,8 @@ Two halves, matching the router's hooks (:data:`~kvbm.serving.forwarding.PromptH
   template) and hashes its full blocks exactly as the workers do, from the layout fingerprint
   a worker serves on its stats endpoint (``/layout``).
 - ``published(worker_id)``: the hashes a worker announced on ``/published``, kept current by
-  :meth:`KvIndex.refresh` (a snapshot first, then deltas since the version held).
+  :meth:`KvIndex.refresh` (a snapshot first, then deltas since the version held), which the
+  serve command calls every ``REFRESH_INTERVAL_S`` from a thread of its own.
 
 Routing is a heuristic, never a correctness matter: a tokenizer that disagrees with vLLM, a
 worker that does not answer, or a stale view only make the choice fall back to load.
@@ -30,6 +31,7 @@ from kvbm.remote.publication import PublishedView
 logger = logging.getLogger(__name__)
 
 REFRESH_TIMEOUT_S = 2.0
+REFRESH_INTERVAL_S = 0.5
 
 
 class KvIndex:
@@ -43,27 +45,21 @@ class KvIndex:
     def __init__(self, model_dir: Path, chat_template: str | None = None) -> None:
         from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as error:  # the workers report a broken model; routing goes by load
+            logger.warning("kv index: no tokenizer in %s (%s); prefill choice goes by load only", model_dir, error)
+            self._tokenizer = None
         self._chat_template = chat_template
         self._hasher: BlockHasher | None = None
-        self._stats_urls: dict[str, str] = {}
         self._views: dict[str, PublishedView] = {}
-
-    def add_worker(self, worker_id: str, stats_url: str) -> None:
-        """Follow a worker's stats endpoint (``http://host:port``, no path)."""
-        self._stats_urls[worker_id] = stats_url.rstrip("/")
-        self._views[worker_id] = PublishedView()
-
-    def remove_worker(self, worker_id: str) -> None:
-        self._stats_urls.pop(worker_id, None)
-        self._views.pop(worker_id, None)
 
     def published(self, worker_id: str) -> Collection[BlockHash]:
         return self._views.get(worker_id, ())  # the live view: no copy per request
 
     def prompt_hashes(self, body: dict) -> tuple[BlockHash, ...]:
         """The request's chained block hashes; empty when it cannot be hashed (yet)."""
-        if self._hasher is None:
+        if self._hasher is None or self._tokenizer is None:
             return ()
         tokens = self._tokens(body)
         if tokens is None:
@@ -72,25 +68,28 @@ class KvIndex:
         extras = {0: BlockExtras(cache_salt=salt)} if isinstance(salt, str) else None
         return self._hasher.hash_prompt(np.asarray(tokens, dtype=np.int32), extras=extras).hashes
 
-    async def refresh(self, client: httpx.AsyncClient) -> None:
-        """One round: learn the layout (once) and bring every view up to date."""
-        for worker_id, url in list(self._stats_urls.items()):
+    def refresh(self, client: httpx.Client, workers: dict[str, str]) -> None:
+        """One round over ``workers`` (id -> stats URL ``http://host:port``): learn the layout
+        (once), bring their views up to date, forget workers no longer listed."""
+        for gone in self._views.keys() - workers.keys():
+            del self._views[gone]
+        for worker_id, url in workers.items():
+            url = url.rstrip("/")
             try:
                 if self._hasher is None:
-                    reply = await client.get(url + "/layout", timeout=REFRESH_TIMEOUT_S)
+                    reply = client.get(url + "/layout", timeout=REFRESH_TIMEOUT_S)
                     reply.raise_for_status()
                     self._hasher = BlockHasher(LayoutFingerprint(**reply.json()))
-                view = self._views.get(worker_id)
-                if view is None:
-                    continue
+                view = self._views.setdefault(worker_id, PublishedView())
                 params = {} if view.version is None else {"since": view.version}
-                reply = await client.get(url + "/published", params=params, timeout=REFRESH_TIMEOUT_S)
+                reply = client.get(url + "/published", params=params, timeout=REFRESH_TIMEOUT_S)
                 reply.raise_for_status()
                 if not view.apply(reply.json()):
-                    self._views[worker_id] = fresh = PublishedView()  # a gap: start over from a snapshot
-                    reply = await client.get(url + "/published", timeout=REFRESH_TIMEOUT_S)
+                    fresh = PublishedView()  # a gap in the deltas: start over from a snapshot
+                    reply = client.get(url + "/published", timeout=REFRESH_TIMEOUT_S)
                     reply.raise_for_status()
                     fresh.apply(reply.json())
+                    self._views[worker_id] = fresh
             except (httpx.HTTPError, ValueError, TypeError, KeyError) as error:
                 logger.debug("kv index: worker %s not refreshed: %s", worker_id, error)
 

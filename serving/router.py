@@ -2,13 +2,21 @@
 
 Routes:
     POST /v1/completions, /v1/chat/completions   validated, then forwarded (see forwarding.py)
-    GET  /v1/models, /health, /stats (JSON), /metrics (Prometheus text)
+    GET  /v1/models, /health
+    GET  /stats (JSON), /metrics (Prometheus)    the router's own figures and every worker's
+                                                 block-pool stats (see router_stats.py)
     GET  /admin/workers                          list
-    POST /admin/workers {"role", "url"}          add a running worker (201)
+    POST /admin/workers {"role", "url"[, "stats_url"]}
+                                                 add a running worker (201)
+    POST /admin/workers {"role"}                 launch one (needs a launcher, see below):
+                                                 202, state "starting"; it joins the
+                                                 rotation once healthy, or turns "failed"
     POST /admin/workers/{id}/drain               stop new requests; waits (at most
-                                                 request_timeout_s) for in-flight ones;
-                                                 200 when drained, 202 while still draining
-    DELETE /admin/workers/{id}                   forget a drained worker (409 otherwise)
+                                                 request_timeout_s) for in-flight ones,
+                                                 then stops a launched worker's process;
+                                                 200 when done, 202 while still draining
+    DELETE /admin/workers/{id}                   forget a drained, stopped or failed worker
+                                                 (409 otherwise)
 
 Admin routes need ``Authorization: Bearer <admin_token>`` whenever the config has a token
 (it must have one when the router binds a non-loopback host).
@@ -16,8 +24,10 @@ Admin routes need ``Authorization: Bearer <admin_token>`` whenever the config ha
 Contract: :class:`Router` owns the pool, stats and FastAPI app; its HTTP client and health
 probe live from app start-up to shut-down. :class:`RouterServer` runs a router with uvicorn
 in a background thread (``start``/``stop``) or in the calling thread (``serve_forever``).
-Process management (starting vLLM workers) stays with the caller: it starts workers, then
-registers them with :meth:`Router.add_worker` before start, or ``POST /admin/workers`` after.
+Starting processes stays with the caller: it registers running workers with
+:meth:`Router.add_worker`, or gives the router a :data:`~kvbm.serving.workers.Launcher`
+(the serve command does) so that :meth:`Router.launch_worker` and the admin API can start
+them. The router stops only processes it holds as launched, and only after a drain.
 """
 
 from __future__ import annotations
@@ -37,13 +47,18 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from kvbm.serving.forwarding import Forwarder, PromptHashes, error_response, no_prompt_hashes
 from kvbm.serving.router_config import RouterConfig
-from kvbm.serving.router_stats import ErrorKind, RouterStats
+from kvbm.serving.router_stats import ErrorKind, RouterStats, WorkerReply, fetch_worker_stats
 from kvbm.serving.router_validation import Endpoint, RequestError, parse_request
 from kvbm.serving.routing import PublishedHashes, no_published_hashes
-from kvbm.serving.workers import Worker, WorkerPool, WorkerRole, WorkerState
+from kvbm.serving.workers import Launcher, Worker, WorkerPool, WorkerRole, WorkerState
 
 DRAIN_POLL_S = 0.05
+START_POLL_S = 0.5
 HEALTH_PROBE_TIMEOUT_S = 2.0
+WORKER_STATS_TIMEOUT_S = 1.0  # a worker's stats endpoint that takes longer shows an error
+PROBED_STATES = (WorkerState.ACTIVE, WorkerState.DRAINING)
+ADD_USAGE = ('body must be {"role": "prefill"|"decode"|"aggregated"} to launch a worker, or '
+             'also "url": "http://host:port" (and optionally "stats_url") to add a running one')
 
 
 class Router:
@@ -54,49 +69,76 @@ class Router:
         prompt_hashes: request body -> the prompt's chained block hashes (for KV-aware
             prefill choice); none by default.
         published: worker id -> the block hashes it holds; none by default.
+        launcher: starts worker processes on demand; None: workers can only be added by URL.
         clock: monotonic seconds.
     """
 
     def __init__(self, config: RouterConfig, prompt_hashes: PromptHashes = no_prompt_hashes,
                  published: PublishedHashes = no_published_hashes,
+                 launcher: Launcher | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.pool = WorkerPool()
         self.stats = RouterStats(config.latency_window)
         self._prompt_hashes = prompt_hashes
         self._published = published
+        self._launcher = launcher
         self._clock = clock
+        self._client: httpx.AsyncClient | None = None
         self._forwarder: Forwarder | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._retiring: dict[str, asyncio.Task] = {}
         self.app = self._build_app()
 
-    def add_worker(self, role: WorkerRole, url: str) -> Worker:
+    def add_worker(self, role: WorkerRole, url: str, stats_url: str | None = None) -> Worker:
         """Registers a running worker (before start, or from the router's event loop).
 
         Raises:
             ValueError: bad or duplicate URL.
         """
-        return self.pool.add(role, url)
+        return self.pool.add(role, url, stats_url)
+
+    def launch_worker(self, role: WorkerRole) -> Worker:
+        """Has the launcher spawn a worker, registered STARTING (before start, or from the
+        router's event loop). Before start the caller waits for it and calls
+        ``pool.started``; from the admin API the router does.
+
+        Raises:
+            RuntimeError: the router has no launcher; whatever the launcher raises.
+        """
+        if self._launcher is None:
+            raise RuntimeError("this router has no launcher")
+        return self.pool.launch(role, self._launcher)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI):
         timeout = httpx.Timeout(self.config.request_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            self._client = client
             self._forwarder = Forwarder(self.pool, self.stats, client, self._prompt_hashes,
                                         self._published, self._clock)
-            probe = asyncio.create_task(self._probe_forever(client))
+            self._spawn(self._probe_forever(client))
             try:
                 yield
             finally:
-                probe.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await probe
+                tasks = list(self._tasks)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        """A background task the router keeps (and cancels at shut-down)."""
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _probe_forever(self, client: httpx.AsyncClient) -> None:
         timeout = min(HEALTH_PROBE_TIMEOUT_S, self.config.health_interval_s)
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            workers = self.pool.all()
+            workers = [w for w in self.pool.all() if w.state in PROBED_STATES]
             verdicts = await asyncio.gather(*(self._probe(client, w, timeout) for w in workers))
             for worker, healthy in zip(workers, verdicts):
                 if worker.healthy != healthy:
@@ -157,24 +199,63 @@ class Router:
     async def _add(self, request: Request) -> Response:
         self._check_admin(request)
         try:
-            spec = (await request.json())
+            spec = await request.json()
             role = WorkerRole(spec["role"])
-            worker = self.pool.add(role, spec["url"])
+            unknown = set(spec) - {"role", "url", "stats_url"}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}")
+            if "url" in spec:
+                worker = self.pool.add(role, spec["url"], spec.get("stats_url"))
+                return JSONResponse(worker.as_json(), status_code=201)
+            if "stats_url" in spec:
+                raise ValueError("stats_url without url")
         except (ValueError, KeyError, TypeError) as error:
-            raise RequestError(400, "body must be {\"role\": \"prefill\"|\"decode\"|\"aggregated\", "
-                               f"\"url\": \"http://host:port\"}} ({error})", "invalid_worker") from None
-        return JSONResponse(worker.as_json(), status_code=201)
+            raise RequestError(400, f"{ADD_USAGE} ({error})", "invalid_worker") from None
+        return self._launch(role)
+
+    def _launch(self, role: WorkerRole) -> Response:
+        if self._launcher is None:
+            raise RequestError(400, "this router cannot launch workers (it was not started by the "
+                               "serve command); add a running one with \"url\"", "no_launcher")
+        try:
+            worker = self.launch_worker(role)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise RequestError(500, f"could not launch a {role.value} worker: {error}",
+                               "launch_failed", type_="server_error") from None
+        self._spawn(self._await_start(worker))
+        return JSONResponse(worker.as_json(), status_code=202)
+
+    async def _await_start(self, worker: Worker) -> None:
+        """Puts a launched worker into rotation once healthy, or records why it failed."""
+        assert worker.process is not None
+        while worker.state is WorkerState.STARTING:
+            try:
+                if await asyncio.to_thread(worker.process.poll_start):
+                    self.pool.started(worker)
+                    return
+            except RuntimeError as error:
+                self.pool.failed(worker, str(error))
+                return
+            await asyncio.sleep(START_POLL_S)
 
     async def _drain(self, request: Request) -> Response:
         self._check_admin(request)
         worker = self._worker(request.path_params["worker_id"])
         self.pool.drain(worker.id)
-        for _ in range(int(self.config.request_timeout_s / DRAIN_POLL_S) + 1):
-            if worker.state is WorkerState.DRAINED:
-                break
+        retire = self._retiring.get(worker.id)
+        if retire is None:
+            retire = self._retiring[worker.id] = self._spawn(self._retire(worker))
+        await asyncio.wait({retire}, timeout=self.config.request_timeout_s)
+        return JSONResponse(worker.as_json(), status_code=200 if retire.done() else 202)
+
+    async def _retire(self, worker: Worker) -> None:
+        """Waits until a draining worker has nothing in flight, then stops its process if
+        the router launched it."""
+        while worker.state is WorkerState.DRAINING:
             await asyncio.sleep(DRAIN_POLL_S)
-        status = 200 if worker.state is WorkerState.DRAINED else 202
-        return JSONResponse(worker.as_json(), status_code=status)
+        if worker.state is WorkerState.DRAINED and worker.process is not None:
+            await asyncio.to_thread(worker.process.stop)
+            self.pool.stopped(worker)
 
     async def _remove(self, request: Request) -> Response:
         self._check_admin(request)
@@ -183,7 +264,12 @@ class Router:
             self.pool.remove(worker.id)
         except ValueError as error:
             raise RequestError(409, str(error), "worker_not_drained") from None
+        self._retiring.pop(worker.id, None)
         return JSONResponse(worker.as_json())
+
+    async def _worker_stats(self, workers: list[Worker], path: str) -> dict[str, WorkerReply]:
+        assert self._client is not None, "the app's lifespan did not run"
+        return await fetch_worker_stats(self._client, workers, path, WORKER_STATS_TIMEOUT_S)
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="kvbm router", lifespan=self._lifespan, docs_url=None,
@@ -210,11 +296,15 @@ class Router:
 
         @app.get("/stats")
         async def stats() -> Response:
-            return JSONResponse(self.stats.as_json(self.pool.all()))
+            workers = self.pool.all()
+            block_stats = await self._worker_stats(workers, "/stats")
+            return JSONResponse(self.stats.as_json(workers, block_stats))
 
         @app.get("/metrics")
         async def metrics() -> Response:
-            return PlainTextResponse(self.stats.prometheus(self.pool.all()),
+            workers = self.pool.all()
+            worker_metrics = await self._worker_stats(workers, "/metrics")
+            return PlainTextResponse(self.stats.prometheus(workers, worker_metrics),
                                      media_type="text/plain; version=0.0.4")
 
         @app.get("/admin/workers")
@@ -244,7 +334,12 @@ class RouterServer:
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((config.host, config.port))
+        try:
+            self._socket.bind((config.host, config.port))
+        except OSError as error:
+            self._socket.close()
+            raise OSError(error.errno, f"cannot bind the router to {config.host}:{config.port}: "
+                                       f"{error.strerror}") from None
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(
             router.app, log_level="warning", lifespan="on", access_log=False,

@@ -1,18 +1,29 @@
-"""The router's counters and latency percentiles, as JSON and Prometheus text.
+"""The router's counters and latency percentiles, and its workers' block-pool stats, as JSON
+and Prometheus text.
 
 Contract: the router calls the ``record_*``/``count_*`` methods from its event loop;
 :meth:`RouterStats.as_json` and :meth:`RouterStats.prometheus` render a snapshot together
-with the workers' records. Latencies keep the most recent ``window`` samples.
+with the workers' records and what :func:`fetch_worker_stats` gathered from each worker's
+stats endpoint. Latencies keep the most recent ``window`` samples. A worker whose stats
+endpoint does not answer (in time) shows an error entry; it never fails the whole snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import dataclasses
 import enum
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from kvbm.serving.workers import Worker
+import httpx
+
+from kvbm.serving.workers import Worker, WorkerState
+
+# Workers whose process should be up, so their stats endpoint is asked.
+_STATS_STATES = frozenset({WorkerState.ACTIVE, WorkerState.DRAINING, WorkerState.DRAINED})
 
 
 class ErrorKind(enum.Enum):
@@ -74,7 +85,11 @@ class RouterStats:
         return {"count": len(samples), "p50": percentile(samples, 50),
                 "p99": percentile(samples, 99)}
 
-    def as_json(self, workers: Sequence[Worker]) -> dict:
+    def as_json(self, workers: Sequence[Worker],
+                block_stats: Mapping[str, WorkerReply] | None = None) -> dict:
+        """The snapshot; each worker's record gains ``block_stats``: its stats endpoint's JSON,
+        ``{"error": ...}`` when that failed, or None when it was not asked."""
+        block_stats = block_stats or {}
         routing: dict[str, dict[str, int]] = {}
         for (worker_id, hop), n in sorted(self.routed.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
             routing.setdefault(worker_id, {})[hop.value] = n
@@ -89,10 +104,14 @@ class RouterStats:
             "ttft_s": self._latency(self._ttft),
             "itl_s": self._latency(self._itl),
             "routing": routing,
-            "workers": [w.as_json() for w in workers],
+            "workers": [w.as_json() | {"block_stats": _stats_json(block_stats.get(w.id))}
+                        for w in workers],
         }
 
-    def prometheus(self, workers: Sequence[Worker]) -> str:
+    def prometheus(self, workers: Sequence[Worker],
+                   worker_metrics: Mapping[str, WorkerReply] | None = None) -> str:
+        """The router's metrics, then every asked worker's own, labelled ``worker``."""
+        worker_metrics = worker_metrics or {}
         lines = [
             "# TYPE kvbm_router_requests_total counter",
             f"kvbm_router_requests_total {self.requests}",
@@ -121,4 +140,79 @@ class RouterStats:
         lines.append("# TYPE kvbm_router_worker_healthy gauge")
         lines += [f'kvbm_router_worker_healthy{{worker="{w.id}",state="{w.state.value}"}} {int(w.healthy)}'
                   for w in workers]
+        lines.append("# TYPE kvbm_router_worker_stats_up gauge")
+        lines += [f'kvbm_router_worker_stats_up{{worker="{w}"}} {int(reply.ok)}'
+                  for w, reply in worker_metrics.items()]
+        lines += merge_worker_metrics({w: reply.body for w, reply in worker_metrics.items() if reply.ok})
         return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerReply:
+    """What one worker's stats endpoint answered: its body, or why there is none."""
+
+    ok: bool
+    body: str
+
+
+async def fetch_worker_stats(client: httpx.AsyncClient, workers: Sequence[Worker], path: str,
+                             timeout_s: float) -> dict[str, WorkerReply]:
+    """GETs ``stats_url + path`` of every worker that has a stats endpoint and should be up,
+    all at once, each within ``timeout_s``; keyed by worker id."""
+    asked = [w for w in workers if w.stats_url and w.state in _STATS_STATES]
+    replies = await asyncio.gather(*(_fetch(client, w.stats_url + path, timeout_s) for w in asked))
+    return {w.id: reply for w, reply in zip(asked, replies)}
+
+
+async def _fetch(client: httpx.AsyncClient, url: str, timeout_s: float) -> WorkerReply:
+    try:
+        reply = await client.get(url, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        # Timeouts often carry no message: the exception's name is the reason then.
+        return WorkerReply(False, f"{url}: {type(error).__name__} {error}".rstrip())
+    if reply.status_code != 200:
+        return WorkerReply(False, f"{url}: HTTP {reply.status_code}")
+    return WorkerReply(True, reply.text)
+
+
+def _stats_json(reply: WorkerReply | None) -> dict | None:
+    if reply is None:
+        return None
+    if not reply.ok:
+        return {"error": reply.body}
+    try:
+        return json.loads(reply.body)
+    except ValueError as error:
+        return {"error": f"not JSON: {error}"}
+
+
+def merge_worker_metrics(texts: Mapping[str, str]) -> list[str]:
+    """Several workers' Prometheus expositions as one: each sample gains ``worker="<id>"``,
+    and each metric family keeps one HELP and one TYPE line with all workers' samples under
+    it (the text format allows a family only once)."""
+    headers: dict[str, dict[str, str]] = {}
+    samples: dict[str, list[str]] = {}
+    for worker_id, text in texts.items():
+        family = None
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                _, kind, family = line.split(" ", 3)[:3]
+                headers.setdefault(family, {}).setdefault(kind, line)
+                samples.setdefault(family, [])
+            elif line and not line.startswith("#"):
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                samples.setdefault(family or name, []).append(_labelled(line, worker_id))
+    lines: list[str] = []
+    for family, family_samples in samples.items():
+        lines += headers.get(family, {}).values()
+        lines += family_samples
+    return lines
+
+
+def _labelled(sample: str, worker_id: str) -> str:
+    label = f'worker="{worker_id}"'
+    name, brace, rest = sample.partition("{")
+    if brace and " " not in name:
+        return f"{name}{{{label},{rest}"
+    name, _, value = sample.partition(" ")
+    return f"{name}{{{label}}} {value}"

@@ -2,8 +2,11 @@
 
 Contract: :meth:`VLLMServer.start` returns once ``/health`` answers 200, or raises
 :class:`ServerStartError` (the process exited, or the deadline passed) after stopping the
-child, with the tail of its log in the message. :meth:`VLLMServer.stop` always leaves no
-child behind: SIGTERM, then SIGKILL after a grace period.
+child, with the server's name and the tail of its log in the message. Callers that start
+several servers at once use :meth:`VLLMServer.spawn` and then poll each with
+:meth:`VLLMServer.poll_start` (same outcome, no thread per server).
+:meth:`VLLMServer.stop` always leaves no child behind: SIGTERM, then SIGKILL after a grace
+period; it may be called at any time, also while a start is being polled.
 """
 
 from __future__ import annotations
@@ -41,18 +44,22 @@ class VLLMServer:
         port: TCP port; a free one when None.
         extra_env: added to the environment (after :func:`vllm_env`).
         served_name: the model name clients send; the model path when None.
+        name: how errors name this server (e.g. ``worker w2 (decode)``).
     """
 
     def __init__(self, settings: EngineSettings, log_path: Path, host: str = "127.0.0.1",
                  port: int | None = None, extra_env: dict[str, str] | None = None,
-                 served_name: str | None = None) -> None:
+                 served_name: str | None = None, name: str = "vLLM server") -> None:
         self.settings = settings
         self.log_path = Path(log_path)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.served_name = served_name
+        self.name = name
         self._extra_env = dict(extra_env or {})
         self._process: subprocess.Popen | None = None
+        self._deadline = 0.0
+        self._timeout_s = 0.0
 
     @property
     def url(self) -> str:
@@ -62,12 +69,19 @@ class VLLMServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    def start(self, timeout_s: float = 300.0) -> "VLLMServer":
+    def start(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> "VLLMServer":
         """Starts the server and waits for ``/health``.
 
         Raises:
             ServerStartError: the process died or was not healthy within ``timeout_s``.
         """
+        self.spawn(timeout_s)
+        while not self.poll_start():
+            time.sleep(poll_s)
+        return self
+
+    def spawn(self, timeout_s: float = 300.0) -> "VLLMServer":
+        """Starts the process and returns at once; :meth:`poll_start` says when it is up."""
         env = {**os.environ, **vllm_env(), **self._extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -76,21 +90,33 @@ class VLLMServer:
                 self.settings.server_command(self.host, self.port, self.served_name),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self.stop()
-                raise ServerStartError(
-                    f"vLLM server on port {self.port} exited with {code} during start-up; "
-                    f"log {self.log_path}:\n{self.log_tail()}")
-            if self.healthy():
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise ServerStartError(
-            f"vLLM server on port {self.port} not healthy after {timeout_s:.0f} s; "
-            f"log {self.log_path}:\n{self.log_tail()}")
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        return self
+
+    def poll_start(self) -> bool:
+        """True once the spawned server answers ``/health``; False while it is starting.
+
+        Raises:
+            ServerStartError: the process exited, was stopped, or passed its start deadline
+                (it is stopped first).
+        """
+        process = self._process
+        if process is None:
+            raise ServerStartError(f"{self.name} on port {self.port} was stopped during start-up")
+        if process.poll() is not None:
+            self.stop()
+            raise ServerStartError(
+                f"{self.name} on port {self.port} exited with {process.returncode} during "
+                f"start-up; log {self.log_path}:\n{self.log_tail()}")
+        if self.healthy():
+            return True
+        if time.monotonic() > self._deadline:
+            self.stop()
+            raise ServerStartError(
+                f"{self.name} on port {self.port} not healthy after {self._timeout_s:.0f} s; "
+                f"log {self.log_path}:\n{self.log_tail()}")
+        return False
 
     def healthy(self) -> bool:
         try:

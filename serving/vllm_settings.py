@@ -21,19 +21,19 @@ def vllm_env(kv_cache_gib: int = 1, in_process: bool = False) -> dict[str, str]:
     Args:
         kv_cache_gib: G1 size on the CPU backend, whole GiB (vLLM reads an integer).
         in_process: run the engine core in the calling process (tests: ~4 s start, not 30 s).
+            Otherwise it runs in a process of its own, as in production, also when the
+            caller itself runs in-process engines (servers must not inherit that).
     """
     if kv_cache_gib < 1:
         raise ValueError(f"kv_cache_gib must be a whole number of GiB >= 1, got {kv_cache_gib}")
-    env = {
+    return {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1",
     }
-    if in_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,8 @@ class EngineSettings:
         enable_prefix_caching: vLLM's own G1 prefix cache.
         dtype: weights and KV dtype; bfloat16 in production, float32 where tests need
             results that do not depend on batch shape.
+        chat_template: a Jinja chat template file for OpenAI servers (the embedded model
+            has none, so ``/v1/chat/completions`` needs one); None: the model's own.
     """
 
     model: Path
@@ -60,6 +62,7 @@ class EngineSettings:
     kv_transfer_config: dict[str, Any] | None = None
     enable_prefix_caching: bool = True
     dtype: str = "bfloat16"
+    chat_template: Path | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 32:
@@ -98,4 +101,6 @@ class EngineSettings:
             argv += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
         if self.kv_transfer_config is not None:
             argv += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
+        if self.chat_template is not None:
+            argv += ["--chat-template", str(self.chat_template)]
         return argv

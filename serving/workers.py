@@ -2,11 +2,16 @@
 
 Contract:
     * :meth:`WorkerPool.add` registers an already-running worker (ACTIVE, presumed healthy:
-      the caller started it and waited for it). Ids are ``w1``, ``w2``, ... per pool.
+      the caller started it and waited for it). :meth:`WorkerPool.launch` has a
+      :data:`Launcher` start one: it is STARTING (no requests) until :meth:`WorkerPool.started`
+      makes it ACTIVE, or :meth:`WorkerPool.failed` records why it did not come up. Ids are
+      ``w1``, ``w2``, ... per pool; a launched worker knows its id before it starts.
     * Every request a worker takes is bracketed by :meth:`WorkerPool.acquire` and
       :meth:`WorkerPool.release` (also on failure), so ``in_flight`` is exact.
     * :meth:`WorkerPool.drain` stops new requests to a worker at once; it becomes DRAINED
-      when its last in-flight request is released, and only then may it be removed.
+      when its last in-flight request is released (a STARTING one at once). A launched
+      worker's process is stopped only after that (:meth:`WorkerPool.stopped`). A worker is
+      removed only when DRAINED, STOPPED or FAILED.
     * :meth:`WorkerPool.candidates` lists the workers a new request may go to: ACTIVE,
       healthy, in the wanted roles.
 
@@ -18,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 from urllib.parse import urlsplit
 
 
@@ -33,9 +39,37 @@ class WorkerRole(enum.Enum):
 class WorkerState(enum.Enum):
     """Where a worker is in its life at the router."""
 
+    STARTING = "starting"  # launched, not yet healthy: takes no requests
     ACTIVE = "active"
     DRAINING = "draining"  # no new requests; in-flight ones finish
     DRAINED = "drained"    # nothing in flight; may be removed
+    STOPPED = "stopped"    # drained, and its launched process stopped
+    FAILED = "failed"      # its launch did not come up (see Worker.error)
+
+
+GONE = frozenset({WorkerState.STOPPED, WorkerState.FAILED})
+REMOVABLE = GONE | {WorkerState.DRAINED}
+
+
+class WorkerProcess(Protocol):
+    """A worker process launched for the router (the serve command's vLLM servers)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def stats_url(self) -> str | None: ...
+
+    def poll_start(self) -> bool:
+        """True once it serves, False while starting; raises RuntimeError (with the reason,
+        after stopping it) when it cannot come up."""
+
+    def stop(self) -> None:
+        """Stops it and everything it started; idempotent, may block for seconds."""
+
+
+# (role, worker id) -> a spawned process; must return without waiting for it to be healthy.
+Launcher = Callable[[WorkerRole, str], WorkerProcess]
 
 
 @dataclasses.dataclass
@@ -45,16 +79,21 @@ class Worker:
     id: str
     role: WorkerRole
     url: str
+    stats_url: str | None = None
     state: WorkerState = WorkerState.ACTIVE
     healthy: bool = True
     in_flight: int = 0
     routed: int = 0
     failures: int = 0
+    error: str | None = None
+    process: WorkerProcess | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict:
         return {"id": self.id, "role": self.role.value, "url": self.url,
+                "stats_url": self.stats_url, "launched": self.process is not None,
                 "state": self.state.value, "healthy": self.healthy,
-                "in_flight": self.in_flight, "routed": self.routed, "failures": self.failures}
+                "in_flight": self.in_flight, "routed": self.routed, "failures": self.failures,
+                "error": self.error}
 
 
 def normalize_url(url: str) -> str:
@@ -78,17 +117,44 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._next_id = 1
 
-    def add(self, role: WorkerRole, url: str) -> Worker:
-        """Registers a running worker.
+    def add(self, role: WorkerRole, url: str, stats_url: str | None = None) -> Worker:
+        """Registers a running worker; ``stats_url`` serves its block-pool ``/stats``.
 
         Raises:
             ValueError: bad URL, or a worker with this URL is already registered.
         """
-        url = normalize_url(url)
-        if any(w.url == url for w in self._workers.values()):
-            raise ValueError(f"a worker with url {url} is already registered")
-        worker = Worker(id=f"w{self._next_id}", role=role, url=url)
+        url, stats_url = self._check_urls(url, stats_url)
+        return self._register(Worker(id=self._new_id(), role=role, url=url, stats_url=stats_url))
+
+    def launch(self, role: WorkerRole, launcher: Launcher) -> Worker:
+        """Has ``launcher`` spawn a worker under a fresh id; registers it STARTING.
+
+        Raises:
+            whatever ``launcher`` raises (nothing is registered then); ValueError as in
+            :meth:`add` (the process is stopped then).
+        """
+        worker_id = self._new_id()
+        process = launcher(role, worker_id)
+        try:
+            url, stats_url = self._check_urls(process.url, process.stats_url)
+        except ValueError:
+            process.stop()
+            raise
+        return self._register(Worker(id=worker_id, role=role, url=url, stats_url=stats_url,
+                                     state=WorkerState.STARTING, process=process))
+
+    def _new_id(self) -> str:
         self._next_id += 1
+        return f"w{self._next_id - 1}"
+
+    def _check_urls(self, url: str, stats_url: str | None) -> tuple[str, str | None]:
+        url = normalize_url(url)
+        # A stopped or failed worker's process is gone: its port may be reused.
+        if any(w.url == url for w in self._workers.values() if w.state not in GONE):
+            raise ValueError(f"a worker with url {url} is already registered")
+        return url, None if stats_url is None else normalize_url(stats_url)
+
+    def _register(self, worker: Worker) -> Worker:
         self._workers[worker.id] = worker
         return worker
 
@@ -122,26 +188,46 @@ class WorkerPool:
             worker.failures += 1
         worker.healthy = healthy
 
+    def started(self, worker: Worker) -> bool:
+        """A launched worker came up: ACTIVE and healthy, unless it was drained meanwhile."""
+        if worker.state is not WorkerState.STARTING:
+            return False
+        worker.state, worker.healthy = WorkerState.ACTIVE, True
+        return True
+
+    def failed(self, worker: Worker, reason: str) -> None:
+        """A launched worker did not come up (its launcher stopped it); no-op unless STARTING."""
+        if worker.state is WorkerState.STARTING:
+            worker.state, worker.healthy, worker.error = WorkerState.FAILED, False, reason
+
+    def stopped(self, worker: Worker) -> None:
+        """A drained worker's process was stopped."""
+        assert worker.state is WorkerState.DRAINED, f"{worker.id} is {worker.state.value}"
+        worker.state, worker.healthy = WorkerState.STOPPED, False
+
     def drain(self, worker_id: str) -> Worker:
-        """Stops new requests to a worker; DRAINED at once if nothing is in flight.
+        """Stops new requests to a worker; DRAINED at once if nothing is in flight (or it
+        was still starting).
 
         Raises:
             KeyError: no such worker.
         """
         worker = self._workers[worker_id]
-        if worker.state is WorkerState.ACTIVE:
+        if worker.state is WorkerState.STARTING:
+            worker.state = WorkerState.DRAINED
+        elif worker.state is WorkerState.ACTIVE:
             worker.state = WorkerState.DRAINED if worker.in_flight == 0 else WorkerState.DRAINING
         return worker
 
     def remove(self, worker_id: str) -> Worker:
-        """Forgets a drained worker.
+        """Forgets a drained, stopped or failed worker.
 
         Raises:
             KeyError: no such worker.
-            ValueError: the worker is not DRAINED.
+            ValueError: the worker may still take or finish requests.
         """
         worker = self._workers[worker_id]
-        if worker.state is not WorkerState.DRAINED:
+        if worker.state not in REMOVABLE:
             raise ValueError(f"worker {worker_id} is {worker.state.value}; drain it first")
         del self._workers[worker_id]
         return worker

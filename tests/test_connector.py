@@ -196,8 +196,6 @@ def test_stats_endpoint_serves_json_and_prometheus(make_engine, tiny_model):
 
 def test_router_index_hashes_prompts_like_the_worker(make_engine, tiny_model):
     """KV-aware routing's view: a router hashes a prompt exactly as the worker that cached it."""
-    import asyncio
-
     import httpx
 
     from kvbm.serving.kv_index import KvIndex
@@ -206,13 +204,8 @@ def test_router_index_hashes_prompts_like_the_worker(make_engine, tiny_model):
     llm.generate(PROMPTS[4:6], greedy())
     base = f"http://127.0.0.1:{llm.llm_engine.engine_core.engine_core.scheduler.connector.stats_port}"
     index = KvIndex(tiny_model)
-    index.add_worker("w", base)
-
-    async def refresh():
-        async with httpx.AsyncClient() as client:
-            await index.refresh(client)
-
-    asyncio.run(refresh())
+    with httpx.Client() as client:
+        index.refresh(client, {"w": base})
     body = {"prompt": PROMPTS[4]}
     hashes = index.prompt_hashes(body)
     full_blocks = len(llm.get_tokenizer()(PROMPTS[4])["input_ids"]) // BLOCK
@@ -221,6 +214,9 @@ def test_router_index_hashes_prompts_like_the_worker(make_engine, tiny_model):
     assert all(h in index.published("w") for h in hashes[: full_blocks - 1])
     assert not any(h in index.published("w") for h in index.prompt_hashes({"prompt": PROMPTS[7]}))
     assert index.prompt_hashes({"prompt": 5}) == () and index.published("gone") == ()
+    with httpx.Client() as client:
+        index.refresh(client, {})
+    assert index.published("w") == ()
 
 
 @pytest.mark.parametrize("extra, field", [

@@ -8,7 +8,6 @@ with ``make_router``; all routers and servers stop at teardown.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,23 +33,13 @@ POLLS = 200
 POLL_S = 0.05
 
 
-@dataclasses.dataclass(frozen=True)
-class ChatSettings(EngineSettings):
-    """Engine settings plus a chat template file for the server."""
-
-    chat_template: str = ""
-
-    def server_command(self, host: str, port: int, served_name: str | None = None) -> list[str]:
-        return super().server_command(host, port, served_name) + ["--chat-template", self.chat_template]
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_model, tmp_path_factory):
     """(A, B): two vLLM OpenAI servers serving the tiny model as ``tiny``."""
     logs = tmp_path_factory.mktemp("router-servers")
     template = logs / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
-    settings = ChatSettings(model=tiny_model, chat_template=str(template))
+    settings = EngineSettings(model=tiny_model, chat_template=template)
     pair = [VLLMServer(settings, logs / f"{name}.log", served_name=MODEL) for name in "AB"]
     try:
         with ThreadPoolExecutor(2) as pool:

@@ -1,15 +1,22 @@
-"""Router pieces without servers: config, validation, worker pool, routing choice, stats."""
+"""Router pieces without servers: config, validation, worker pool, routing choice, stats,
+and the admin API over a fake launcher."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.testclient import TestClient
 
+from kvbm.serving.router import Router
 from kvbm.serving.router_config import RouterConfig
-from kvbm.serving.router_stats import ErrorKind, Hop, RouterStats, percentile
+from kvbm.serving.router_stats import (ErrorKind, Hop, RouterStats, WorkerReply,
+                                       fetch_worker_stats, merge_worker_metrics, percentile)
 from kvbm.serving.router_validation import Endpoint, RequestError, parse_request
 from kvbm.serving.routing import choose_by_load, choose_prefill, prefix_overlap
 from kvbm.serving.workers import WorkerPool, WorkerRole, WorkerState
@@ -229,3 +236,173 @@ def test_stats_json_and_prometheus():
     assert 'kvbm_router_errors_total{kind="kv_params_missing"} 1' in text
     assert 'kvbm_router_ttft_seconds{quantile="0.5"} 0.300000' in text
     assert 'kvbm_router_worker_healthy{worker="w1",state="active"} 1' in text
+
+
+def test_worker_stats_render_as_json_entries_and_errors():
+    pool = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE)
+    stats = RouterStats(window=3)
+    replies = {"w1": WorkerReply(True, '{"tiers": {"g2": {"hits": 3}}}'),
+               "w2": WorkerReply(False, "http://127.0.0.1:1/stats: ConnectError refused")}
+    workers = stats.as_json(pool.all(), replies)["workers"]
+    assert workers[0]["block_stats"] == {"tiers": {"g2": {"hits": 3}}}
+    assert workers[1]["block_stats"] == {"error": "http://127.0.0.1:1/stats: ConnectError refused"}
+    assert stats.as_json(pool.all())["workers"][0]["block_stats"] is None
+
+
+# --- workers' stats ---------------------------------------------------------------------
+
+WORKER_METRICS = """# HELP kvbm_hits_total Looked-up blocks served by the tier.
+# TYPE kvbm_hits_total counter
+kvbm_hits_total{tier="g2"} 4
+# TYPE kvbm_pending_jobs gauge
+kvbm_pending_jobs 0
+"""
+
+
+def test_merged_worker_metrics_keep_one_header_per_family_and_label_every_sample():
+    lines = merge_worker_metrics({"w1": WORKER_METRICS, "w2": WORKER_METRICS.replace(" 4\n", " 7\n")})
+    assert lines == [
+        "# HELP kvbm_hits_total Looked-up blocks served by the tier.",
+        "# TYPE kvbm_hits_total counter",
+        'kvbm_hits_total{worker="w1",tier="g2"} 4',
+        'kvbm_hits_total{worker="w2",tier="g2"} 7',
+        "# TYPE kvbm_pending_jobs gauge",
+        'kvbm_pending_jobs{worker="w1"} 0',
+        'kvbm_pending_jobs{worker="w2"} 0',
+    ]
+
+
+def test_fetch_worker_stats_asks_only_live_workers_and_reports_failures():
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.port == 9101:
+            return httpx.Response(200, text='{"tiers": {}}')
+        if request.url.port == 9102:
+            return httpx.Response(500)
+        raise httpx.ConnectError("refused", request=request)
+
+    pool = WorkerPool()
+    for port in (9101, 9102, 9103):
+        pool.add(WorkerRole.DECODE, f"http://127.0.0.1:{port - 100}", f"http://127.0.0.1:{port}")
+    pool.add(WorkerRole.DECODE, "http://127.0.0.1:9004")  # no stats endpoint: not asked
+    pool.drain("w3")  # drained: still up, still asked
+
+    async def fetch():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await fetch_worker_stats(client, pool.all(), "/stats", timeout_s=1.0)
+
+    replies = asyncio.run(fetch())
+    assert replies == {
+        "w1": WorkerReply(True, '{"tiers": {}}'),
+        "w2": WorkerReply(False, "http://127.0.0.1:9102/stats: HTTP 500"),
+        "w3": WorkerReply(False, "http://127.0.0.1:9103/stats: ConnectError refused"),
+    }
+    text = RouterStats(window=3).prometheus(pool.all(), replies)
+    assert 'kvbm_router_worker_stats_up{worker="w1"} 1' in text
+    assert 'kvbm_router_worker_stats_up{worker="w2"} 0' in text
+
+
+# --- launched workers -----------------------------------------------------------------------
+
+class FakeProcess:
+    """A launched worker that comes up after ``polls`` polls (or fails at its first)."""
+
+    def __init__(self, port: int, polls: int = 1, fail: str | None = None) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.stats_url = f"http://127.0.0.1:{port + 1}"
+        self.polls, self.fail, self.stopped = polls, fail, False
+
+    def poll_start(self) -> bool:
+        if self.fail:
+            self.stopped = True
+            raise RuntimeError(self.fail)
+        self.polls -= 1
+        return self.polls <= 0
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class FakeLauncher:
+    def __init__(self, **process_args) -> None:
+        self.launched: dict[str, FakeProcess] = {}
+        self._args = process_args
+
+    def __call__(self, role: WorkerRole, worker_id: str) -> FakeProcess:
+        process = FakeProcess(9500 + 2 * len(self.launched), **self._args)
+        self.launched[worker_id] = process
+        return process
+
+
+def test_pool_launch_lifecycle():
+    pool = WorkerPool()
+    launcher = FakeLauncher()
+    worker = pool.launch(WorkerRole.DECODE, launcher)
+    assert (worker.id, worker.state, worker.stats_url) == ("w1", WorkerState.STARTING, "http://127.0.0.1:9501")
+    assert launcher.launched["w1"] is worker.process and worker.as_json()["launched"]
+    assert pool.candidates([WorkerRole.DECODE]) == []
+    assert pool.started(worker) and pool.candidates([WorkerRole.DECODE]) == [worker]
+    pool.drain("w1")
+    pool.stopped(worker)
+    assert worker.state is WorkerState.STOPPED
+    # A stopped worker's port may come back with a new worker.
+    assert pool.add(WorkerRole.DECODE, worker.url).id == "w2"
+    pool.remove("w1")
+    starting = pool.launch(WorkerRole.PREFILL, launcher)
+    assert pool.drain(starting.id).state is WorkerState.DRAINED  # drained before it came up
+    assert not pool.started(starting)
+    failed = pool.launch(WorkerRole.PREFILL, launcher)
+    pool.failed(failed, "exited with 1")
+    assert (failed.state, failed.error) == (WorkerState.FAILED, "exited with 1")
+    pool.remove(failed.id)
+
+
+def admin_client(launcher=None) -> TestClient:
+    """A client of a router app (use it in ``with``, which runs the app's lifespan)."""
+    config = make_config(health_interval_s=3600.0, request_timeout_s=30.0)
+    return TestClient(Router(config, launcher=launcher).app)
+
+
+def poll_state(client: TestClient, worker_id: str, wanted: str) -> dict:
+    for _ in range(200):
+        worker = next(w for w in client.get("/admin/workers").json() if w["id"] == worker_id)
+        if worker["state"] == wanted:
+            return worker
+        time.sleep(0.01)
+    raise AssertionError(f"{worker_id} stayed {worker['state']}, wanted {wanted}")
+
+
+def test_admin_launch_joins_once_healthy_and_drain_stops_it():
+    launcher = FakeLauncher(polls=2)
+    with admin_client(launcher) as client:
+        reply = client.post("/admin/workers", json={"role": "decode"})
+        assert reply.status_code == 202
+        assert reply.json() | {"id": "w1", "state": "starting", "launched": True} == reply.json()
+        assert client.get("/health").json()["workers_up"] == 0
+        poll_state(client, "w1", "active")
+        assert client.get("/health").json()["workers_up"] == 1
+        drained = client.post("/admin/workers/w1/drain")
+        assert drained.status_code == 200 and drained.json()["state"] == "stopped"
+        assert launcher.launched["w1"].stopped
+        assert client.delete("/admin/workers/w1").status_code == 200
+
+
+def test_admin_launch_that_fails_is_listed_with_its_reason():
+    with admin_client(FakeLauncher(fail="worker w1 (prefill) exited with 1")) as client:
+        assert client.post("/admin/workers", json={"role": "prefill"}).status_code == 202
+        assert poll_state(client, "w1", "failed")["error"] == "worker w1 (prefill) exited with 1"
+        assert client.delete("/admin/workers/w1").status_code == 200
+
+
+def test_admin_launch_without_launcher_or_with_bad_bodies_is_400():
+    with admin_client() as client:
+        reply = client.post("/admin/workers", json={"role": "decode"})
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "no_launcher"
+        assert "serve command" in reply.json()["error"]["message"]
+        for body in ({"role": "decode", "stats_url": "http://127.0.0.1:1"},
+                     {"role": "decode", "url": "http://127.0.0.1:1", "port": 3}, {"url": "x"}, [1]):
+            reply = client.post("/admin/workers", json=body)
+            assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_worker", body
+        added = client.post("/admin/workers", json={"role": "decode", "url": "http://127.0.0.1:1/",
+                                                    "stats_url": "http://127.0.0.1:2"})
+        assert added.status_code == 201
+        assert (added.json()["url"], added.json()["stats_url"]) == ("http://127.0.0.1:1", "http://127.0.0.1:2")
