@@ -118,7 +118,7 @@ def decode_engine(reference, make_engine, tiny_model):
 
 def test_decode_pulls_prefill_blocks_token_for_token(reference, prefill_server, decode_engine):
     params = [prefill(prefill_server, p) for p in PROMPTS]
-    assert params[3] is None  # one block or less: nothing handed off
+    assert params[3]["kvbm"] is None  # one block or less: nothing handed off
     for p in params[:3]:
         assert p["do_remote_prefill"] is True and p["kvbm"]["num_blocks"] >= 1
     outputs = decode(decode_engine, PROMPTS, params)

@@ -55,6 +55,12 @@ def test_malformed_handoff_is_none(entry):
     assert Handoff.from_params({"kvbm": entry}) is None
 
 
+def test_nothing_handed_off_is_no_handoff():
+    from kvbm.connectors.vllm.handoff import NOTHING_HANDED_OFF
+
+    assert Handoff.from_params(NOTHING_HANDED_OFF) is None
+
+
 def test_wants_handoff():
     assert wants_handoff({"do_remote_decode": True})
     assert not wants_handoff(None) and not wants_handoff({"do_remote_decode": "yes"})

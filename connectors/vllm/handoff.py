@@ -50,8 +50,9 @@ class Handoff:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> Handoff | None:
-        """The handoff in a request's ``kv_transfer_params``; None when absent or malformed."""
-        if not params or KEY not in params:
+        """The handoff in a request's ``kv_transfer_params``; None when absent, empty
+        (:data:`NOTHING_HANDED_OFF`) or malformed."""
+        if not params or params.get(KEY) is None:
             return None
         entry = params[KEY]
         try:
@@ -66,6 +67,11 @@ class Handoff:
             logger.warning("kvbm: ignoring malformed kv_transfer_params[%r] (%s); computing the prompt", KEY, error)
             return None
         return cls(source, count, BlockHash(last))
+
+
+# A prefill's answer when it holds nothing for the decode (a prompt under two blocks): the
+# decode computes the prompt, and the router still sees that the prefill answered properly.
+NOTHING_HANDED_OFF: dict[str, Any] = {"do_remote_prefill": False, "do_remote_decode": False, KEY: None}
 
 
 def wants_handoff(params: Mapping[str, Any] | None) -> bool:

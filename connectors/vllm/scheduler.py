@@ -38,7 +38,7 @@ from kvbm.remote.publication import Publication
 from kvbm.stats import KvbmStats
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.engine_layout import block_bytes, check_supported, layout_fingerprint
-from kvbm.connectors.vllm.handoff import Handoff, wants_handoff
+from kvbm.connectors.vllm.handoff import KEY, NOTHING_HANDED_OFF, Handoff, wants_handoff
 from kvbm.connectors.vllm.metadata import (
     HeldRequest,
     KvbmConnectorMetadata,
@@ -212,11 +212,11 @@ class SchedulerSide:
                 jobs = self._manager.blocks_evicting(state.blocks[:full], state.block_ids[:full])
                 self._own(request.request_id, state, jobs)
                 self._step.stores.extend((request.request_id, job) for job in jobs)
-        if state.jobs or params is not None:
+        if state.jobs or (params is not None and params.get(KEY) is not None):
             self._step.await_saves.add(request.request_id)
             return True, params
         del self._requests[request.request_id]
-        return False, None
+        return False, params
 
     def published(self, since: int | None) -> dict[str, Any]:
         """The hashes G2/G3 hold (a snapshot, or a delta since version ``since``)."""
@@ -250,7 +250,7 @@ class SchedulerSide:
         count = min((request.num_prompt_tokens - 1) // self._block_size, len(block_ids),
                     request.num_computed_tokens // self._block_size)
         if count < 1:
-            return None
+            return dict(NOTHING_HANDED_OFF)
         hashes = self._blocks(state, count).hashes[:count]
         self._step.holds.append(HeldRequest(request.request_id, hashes, list(block_ids[:count])))
         return Handoff(self._side_channel, count, hashes[-1]).to_params()
