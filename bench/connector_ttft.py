@@ -1,9 +1,9 @@
 """TTFT of a long prompt whose prefix kvbm holds in G2, against recompute and a G1 hit.
 
-    python -m bench.connector_ttft [--prompt-tokens 3500] [--repeats 5]
+    python -m bench.connector_ttft [--prompt-tokens 3500] [--repeats 5] [--model bench|tiny]
 
-One process, in-process engines on the ``bench`` model (bf16, block 32), used one after the
-other (vLLM's process-wide state allows one live engine):
+One process, in-process engines on the ``bench`` model (bf16, block 32; ``--model tiny`` for
+a smoke run), used one after the other (vLLM's process-wide state allows one live engine):
 
 - vLLM alone: a cold prefill (recompute, the upper bound) and vLLM's own G1 prefix-cache hit
   (the physical limit), and decode throughput of unique prompts;
@@ -37,8 +37,7 @@ os.environ.update(vllm_env(in_process=True))
 request_amx_permission()
 
 
-def prompts(rng: np.random.Generator, count: int, length: int) -> list[dict]:
-    vocab = PRESETS["bench"].vocab_size
+def prompts(rng: np.random.Generator, count: int, length: int, vocab: int) -> list[dict]:
     return [{"prompt_token_ids": rng.integers(3, vocab, length).tolist()} for _ in range(count)]
 
 
@@ -63,26 +62,28 @@ def main() -> None:
     parser.add_argument("--throughput-prompts", type=int, default=8)
     parser.add_argument("--settle", type=float, default=1.0,
                         help="idle seconds before each measured request")
+    parser.add_argument("--model", choices=sorted(PRESETS), default="bench", help="embedded model preset")
     parser.add_argument("--async-load-min-blocks", type=int, default=None,
                         help="the connector's threshold for asynchronous loads (default: its own)")
     args = parser.parse_args()
     from vllm import LLM
 
-    model = ensure_model("bench")
+    model = ensure_model(args.model)
     rng = np.random.default_rng(0)
+    vocab = PRESETS[args.model].vocab_size
     n = args.prompt_tokens
     base = EngineSettings(model=model, max_model_len=4096)
 
     llm = LLM(**base.llm_kwargs())
-    timed(llm, prompts(rng, 1, n))  # warm-up
+    timed(llm, prompts(rng, 1, n, vocab))  # warm-up
     cold, g1_hit = [], []
     for _ in range(args.repeats):
-        prompt = prompts(rng, 1, n)
+        prompt = prompts(rng, 1, n, vocab)
         time.sleep(args.settle)
         cold.append(timed(llm, prompt))
         time.sleep(args.settle)
         g1_hit.append(timed(llm, prompt))
-    unique = prompts(rng, args.throughput_prompts, 512)
+    unique = prompts(rng, args.throughput_prompts, 512, vocab)
     plain_tput = timed(llm, unique, max_tokens=64)
     shutdown(llm)
 
@@ -96,20 +97,20 @@ def main() -> None:
         return LLM(**settings.llm_kwargs())
 
     def evicted_hits(llm, filler_rounds: int = 1) -> list[float]:
-        timed(llm, prompts(rng, 1, n))
+        timed(llm, prompts(rng, 1, n, vocab))
         hits = []
         for _ in range(args.repeats):
-            prompt = prompts(rng, 1, n)
+            prompt = prompts(rng, 1, n, vocab)
             timed(llm, prompt)
             for _ in range(filler_rounds):  # evict the prompt's blocks from G1 (and G2)
-                timed(llm, prompts(rng, 2, 4000))
+                timed(llm, prompts(rng, 2, 4000, vocab))
             time.sleep(args.settle)
             hits.append(timed(llm, prompt))
         return hits
 
     llm = kvbm_engine({"g2_capacity_bytes": "2GiB"})
     g2_hit = evicted_hits(llm)
-    timed(llm, prompts(np.random.default_rng(1), 1, 8), max_tokens=1)
+    timed(llm, prompts(np.random.default_rng(1), 1, 8, vocab), max_tokens=1)
     kvbm_tput = timed(llm, unique, max_tokens=64)
     stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
     shutdown(llm)
@@ -123,7 +124,7 @@ def main() -> None:
         shutdown(llm)
 
     med = statistics.median
-    print(f"bench model, {n}-token prompt, medians of {args.repeats}")
+    print(f"{args.model} model, {n}-token prompt, medians of {args.repeats}")
     print("| path | TTFT ms | vs G1 hit | vs recompute |")
     print("|---|---:|---:|---:|")
     for name, values in (("recompute (vLLM cold)", cold), ("vLLM G1 prefix hit", g1_hit),

@@ -22,13 +22,20 @@ def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, floa
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     print(f"\n{title}")
+    print(format_table(headers, rows))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table, columns right-aligned, floats to 3 significant digits."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c).replace("|", "\\|") for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
     for i, row in enumerate(cells):
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
+        lines.append("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
         if i == 0:
-            print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+            lines.append("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    return "\n".join(lines)
 
 
 def _fmt(value: object) -> str:
