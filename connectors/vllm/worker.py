@@ -73,7 +73,6 @@ class WorkerSide:
         self._remote: RemoteWorker | None = None
         self._held: HeldBlocks | None = None
         self._pulls: dict[JobId, tuple[str, np.ndarray]] = {}  # pull job -> (request, engine blocks)
-        self._req_pulls: dict[str, int] = {}  # request -> unfinished pulls
         self._remote_reported: dict | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -150,7 +149,8 @@ class WorkerSide:
         if self._held is not None:
             self._held.take_ended()
         done_saving = {r for r in self._awaiting if not self._req_jobs.get(r) and not self._is_held(r)}
-        done_loading = {r for r in self._async_loads if not self._req_jobs.get(r) and not self._req_pulls.get(r)}
+        pulling = {req_id for req_id, _ in self._pulls.values()}
+        done_loading = {r for r in self._async_loads if not self._req_jobs.get(r) and r not in pulling}
         self._awaiting -= done_saving
         self._async_loads -= done_loading
         for req_id in done_saving | done_loading:
@@ -218,15 +218,9 @@ class WorkerSide:
         remote = self._require(self._remote)
         job = remote.pull_hashes(pull.source, pull.hashes, Tier.G1, pull.block_ids)
         self._pulls[job] = (req_id, np.asarray(pull.block_ids, dtype=np.int64))
-        self._req_pulls[req_id] = self._req_pulls.get(req_id, 0) + 1
 
     def _pulled(self, result: JobResult) -> None:
         req_id, block_ids = self._pulls.pop(result.job_id)
-        left = self._req_pulls[req_id] - 1
-        if left:
-            self._req_pulls[req_id] = left
-        else:
-            del self._req_pulls[req_id]
         if len(result.failed):
             # Not granted, not delivered or not verified: vLLM recomputes these blocks.
             self._load_errors.update(block_ids[np.asarray(result.failed)].tolist())
