@@ -29,6 +29,7 @@ import numpy as np
 
 from kvbm.ids import JobId, Tier
 from kvbm.jobs import HandlerOutcome, JobResult, TransferJob, failed_result
+from kvbm.threads import start_thread
 
 
 class TransferHandler(abc.ABC):
@@ -62,8 +63,7 @@ class TransferEngine:
         self._thread: threading.Thread | None = None
         if threaded:
             self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._worker, name="kvbm-transfer", daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._worker, "kvbm-transfer")
 
     def __enter__(self) -> TransferEngine:
         return self

@@ -41,6 +41,7 @@ from kvbm.remote.agent import NixlTransport, ReadHandle
 from kvbm.remote.failures import FailureKind, RemoteError
 from kvbm.remote.keepalive import LeaseKeeper
 from kvbm.remote.metadata import BlockGrant, PeerMetadata
+from kvbm.threads import thread_pool
 
 _NONE = np.zeros(0, dtype=np.int64)
 
@@ -402,5 +403,5 @@ class PullEngine:
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvbm-pull-resolve")
+            self._pool = thread_pool(2, "kvbm-pull-resolve")
         return self._pool

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvbm.remote.failures import FailureKind, RemoteError
+from kvbm.threads import start_thread
 
 Handler = Callable[[Mapping[str, Any]], dict[str, Any]]
 
@@ -76,10 +77,8 @@ class SideChannelServer:
         self._server.server_activate()
         bound_host, bound_port = self._server.server_address[:2]
         self._address = f"{bound_host}:{bound_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="kvbm-side-channel", daemon=True
-        )
-        self._thread.start()
+        # Request threads inherit this thread's CPUs: all of the process's, not the engine's one.
+        self._thread = start_thread(lambda: self._server.serve_forever(poll_interval=0.2), "kvbm-side-channel")
 
     @property
     def address(self) -> str:

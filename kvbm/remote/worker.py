@@ -56,6 +56,7 @@ from kvbm.remote.publication import Publication
 from kvbm.remote.pull import PullCounters, PullEngine
 from kvbm.remote.sidechannel import SideChannelServer
 from kvbm.remote.source import BlockPinner, BlockSource
+from kvbm.threads import start_thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +132,7 @@ class RemoteWorker:
         self._background_errors = 0
         self._thread: threading.Thread | None = None
         if config.progress_interval_s > 0:
-            self._thread = threading.Thread(target=self._background, name="kvbm-nixl-progress", daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._background, "kvbm-nixl-progress")
 
     @property
     def name(self) -> AgentName:

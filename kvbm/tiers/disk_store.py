@@ -36,6 +36,7 @@ from kvbm.burst_log import BurstLog
 from kvbm.integrity import checksum_rows
 from kvbm.tiers.base import SlotStore
 from kvbm.tiers.disk_layout import SLOT_ALIGN, G3Directory
+from kvbm.threads import thread_pool
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class DiskSlotStore(SlotStore):
             raise
         per_task = max(1, chunk_bytes // self._stride)
         self._per_task = min(per_task, _IOV_MAX // 2)
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvbm-g3-io")
+        self._pool = thread_pool(io_threads, "kvbm-g3-io")
         self._local = threading.local()
         self._closed = False
 
