@@ -116,9 +116,10 @@ def main() -> None:
     shutdown(llm)
 
     with tempfile.TemporaryDirectory(prefix="kvbm-g3-", dir=os.environ.get("KVBM_BENCH_DIR", "/var/tmp")) as g3:
-        # G2 holds one prompt (blocks reach G3 through G2) but not the fillers that follow it,
-        # so the measured prompt comes back from disk.
-        llm = kvbm_engine({"g2_capacity_blocks": 160, "g3_dir": g3, "g3_capacity_bytes": "4GiB"})
+        # G2 holds one step's offload burst (two 4,000-token fillers: 250 blocks; a smaller G2
+        # refuses part of the burst, so blocks are dropped instead of reaching G3) but not the
+        # three rounds of fillers that follow the prompt, so the prompt comes back from disk.
+        llm = kvbm_engine({"g2_capacity_blocks": 400, "g3_dir": g3, "g3_capacity_bytes": "4GiB"})
         g3_hit = evicted_hits(llm, filler_rounds=3)
         g3_stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
         shutdown(llm)
