@@ -45,12 +45,13 @@ class Scale:
     long_gen: int
     concurrency: int
     max_model_len: int
+    budget_s: float  # per setup: no new request after this, so one stalled setup cannot hold up the suite
 
 
 FULL = Scale(requests=24, long_prompt=3000, short_gen=32, short_prompt=256, long_gen=256,
-             concurrency=4, max_model_len=4096)
+             concurrency=4, max_model_len=4096, budget_s=900.0)
 QUICK = Scale(requests=6, long_prompt=768, short_gen=8, short_prompt=64, long_gen=32,
-              concurrency=2, max_model_len=2048)
+              concurrency=2, max_model_len=2048, budget_s=300.0)
 
 SETUPS = {
     "aggregated": Setup("vLLM aggregated", Connector.NONE),
@@ -74,20 +75,21 @@ def run_setup(setup: Setup, context: Context, scale: Scale) -> dict:
     engine = engine_settings(context, scale)
     load = workload(context, scale)
     try:
-        measured = measure(setup, engine, context, [(load, scale.concurrency)])[load.name]
+        measured = measure(setup, engine, context, [(load, scale.concurrency)], scale.budget_s)[load.name]
     except (RuntimeError, OSError, httpx.HTTPError) as error:
         return {"setup": setup.name, "error": f"{type(error).__name__}: {error}"}
-    row = {"setup": setup.name, **measured["load"], **kv_moved(setup, measured["counters"], load,
-                                                               context.block_bytes(engine), engine.block_size)}
-    row["notes"] = notes(setup, measured["counters"], measured["load"]["requests"], context.cuda_devices)
+    moved = kv_moved(setup, measured["counters"], load, measured["load"]["requests"],
+                     context.block_bytes(engine), engine.block_size)
+    row = {"setup": setup.name, **measured["load"], **moved}
+    row["notes"] = notes(setup, measured["counters"], measured["load"], scale.budget_s, context.cuda_devices)
     row["counters"] = measured["counters"]
     return row
 
 
-def kv_moved(setup: Setup, counters: dict, load: Workload, block_bytes: int, block_size: int) -> dict:
-    """KV bytes moved from prefill to decode per request, and where the figure comes from."""
-    n = len(load.requests)
-    estimate = sum(-(-len(r.prompt) // block_size) for r in load.requests) * block_bytes / n
+def kv_moved(setup: Setup, counters: dict, load: Workload, n: int, block_bytes: int, block_size: int) -> dict:
+    """KV bytes moved from prefill to decode per request (``n`` requests ran), and where the
+    figure comes from."""
+    estimate = sum(-(-len(r.prompt) // block_size) for r in load.requests) * block_bytes / len(load.requests)
     if setup.connector is Connector.KVBM:
         return {"kv_bytes_per_request": counters["decode"].get("kvbm.remote.pulls.bytes_pulled", 0) / n,
                 "kv_bytes_source": "measured (decode remote.pulls.bytes_pulled)"}
@@ -101,10 +103,14 @@ def kv_moved(setup: Setup, counters: dict, load: Workload, block_bytes: int, blo
     return {"kv_bytes_per_request": 0.0, "kv_bytes_source": "none (one server)"}
 
 
-def notes(setup: Setup, counters: dict, requests: int, cuda_devices: int) -> str:
+def notes(setup: Setup, counters: dict, load: dict, budget_s: float, cuda_devices: int) -> str:
     """What would make a row mean something else than it says: requests that fell back to
-    aggregated serving, failed pulls, NixlConnector's settings on this machine."""
+    aggregated serving, failed pulls, a run cut short by its time budget, NixlConnector's
+    settings on this machine."""
+    requests = load["requests"]
     out = []
+    if load["skipped"]:
+        out.append(f"stopped at the {budget_s:.0f} s budget: {requests} of {requests + load['skipped']} requests ran")
     if setup.connector is Connector.NIXL:
         out.append("NIXL progress thread on (vLLM's default)" if cuda_devices else
                    "NIXL progress thread on (it hung the prefill when off), one UCX worker")

@@ -43,6 +43,7 @@ class LoadResult:
     concurrency: int
     wall_s: float
     timings: tuple[RequestTiming, ...]
+    skipped: int = 0  # requests not sent because the time budget ran out
 
     def summary(self) -> dict[str, float | int]:
         ttft = np.array([t.ttft_s for t in self.timings])
@@ -58,35 +59,44 @@ class LoadResult:
             "itl_p50_ms": float(np.percentile(gaps, 50)) * 1e3 if gaps.size else float("nan"),
             "itl_p99_ms": float(np.percentile(gaps, 99)) * 1e3 if gaps.size else float("nan"),
             "output_tok_s": out_tokens / self.wall_s,
+            "skipped": self.skipped,
         }
 
 
-def run_load(url: str, model: str, workload: Workload, concurrency: int, timeout_s: float) -> LoadResult:
+def run_load(url: str, model: str, workload: Workload, concurrency: int, timeout_s: float,
+             budget_s: float | None = None) -> LoadResult:
     """Runs every session of ``workload`` against ``url`` (``/v1/completions``); ``timeout_s``
-    bounds each request's wait for its next bytes.
+    bounds each request's wait for its next bytes. Once ``budget_s`` has passed no new request
+    starts (those in flight finish); the result counts the ones skipped.
 
     Raises:
         LoadError: a request failed or produced fewer tokens than asked.
     """
-    return asyncio.run(_run(url, model, workload, concurrency, timeout_s))
+    return asyncio.run(_run(url, model, workload, concurrency, timeout_s, budget_s))
 
 
-async def _run(url: str, model: str, workload: Workload, concurrency: int, timeout_s: float) -> LoadResult:
+async def _run(url: str, model: str, workload: Workload, concurrency: int, timeout_s: float,
+               budget_s: float | None) -> LoadResult:
     slots = asyncio.Semaphore(concurrency)
+    skipped = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
 
         async def session(requests: tuple[Request, ...]) -> list[RequestTiming]:
+            nonlocal skipped
             timings = []
-            for request in requests:
+            for n, request in enumerate(requests):
                 async with slots:
+                    if budget_s is not None and time.perf_counter() - start > budget_s:
+                        skipped += len(requests) - n
+                        break
                     timings.append(await _one(client, url, model, request))
             return timings
 
         start = time.perf_counter()
         done = await asyncio.gather(*(session(s) for s in workload.sessions))
         wall = time.perf_counter() - start
-    return LoadResult(workload.name, concurrency, wall, tuple(t for timings in done for t in timings))
+    return LoadResult(workload.name, concurrency, wall, tuple(t for timings in done for t in timings), skipped)
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request) -> RequestTiming:

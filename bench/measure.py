@@ -79,9 +79,10 @@ def context_from_args(args: argparse.Namespace) -> Context:
 
 
 def measure(setup: Setup, engine: EngineSettings, context: Context,
-            workloads: list[tuple[Workload, int]]) -> dict[str, dict]:
+            workloads: list[tuple[Workload, int]], budget_s: float | None = None) -> dict[str, dict]:
     """Each workload's load summary and counter differences (per server role and the router),
-    keyed by workload name; the workloads run one after the other on the same servers.
+    keyed by workload name; the workloads run one after the other on the same servers, each
+    for at most ``budget_s`` (see :func:`~bench.load.run_load`).
 
     Raises:
         ServerStartError, LoadError, httpx.HTTPError: the setup did not start or a request failed.
@@ -91,7 +92,7 @@ def measure(setup: Setup, engine: EngineSettings, context: Context,
         stack.warm_up(context.vocab, engine.block_size)
         for workload, concurrency in workloads:
             before = stack.counters()
-            result = run_load(stack.url, context.preset, workload, concurrency, REQUEST_TIMEOUT_S)
+            result = run_load(stack.url, context.preset, workload, concurrency, REQUEST_TIMEOUT_S, budget_s)
             time.sleep(METRICS_SETTLE_S)
             after = stack.counters()
             out[workload.name] = {

@@ -12,7 +12,10 @@ Contract (see DESIGN.md, "Disaggregated flow"):
        before any byte reached the client (connection error, timeout, 5xx, a stream that
        ends before its first chunk) leaves rotation (the health probe brings it back) and
        the request is retried once on another worker; after that the client gets a 502.
-       A worker's own 4xx passes through unchanged.
+       A worker's own 4xx passes through unchanged. A lost connection is not enough to
+       take a worker out: if it still answers ``/health`` it stays in rotation and may take
+       the retry (with one decode worker, one reset connection would otherwise fail every
+       request until the probe brought the worker back).
     3. Streams are relayed chunk by chunk; if the worker breaks mid-stream the client gets
        a final SSE ``error`` event (its status line is already sent).
     4. Every hop is bracketed by ``WorkerPool.acquire``/``release``, also on failure and on
@@ -38,7 +41,11 @@ from kvbm.serving.workers import Worker, WorkerPool, WorkerRole
 
 PromptHashes = Callable[[dict], Sequence[Hashable]]
 DECODE_ROLES = (WorkerRole.DECODE, WorkerRole.AGGREGATED)
-MAX_ATTEMPTS = 2  # the first try and one retry on another worker
+MAX_ATTEMPTS = 2  # the first try and one retry
+HEALTH_CHECK_S = 2.0
+# A connection the worker closed or reset under the request: a keep-alive connection it timed
+# out just as the request went out, or a lost request. The worker may be fine.
+CONNECTION_LOST = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 def no_prompt_hashes(body: dict) -> Sequence[Hashable]:
@@ -96,8 +103,8 @@ class Forwarder:
         self._stats.count_route(worker.id, Hop.PREFILL)
         try:
             reply = await self._client.post(worker.url + endpoint.value, json=first)
-        except httpx.HTTPError:
-            self._pool.mark(worker, healthy=False)
+        except httpx.HTTPError as error:
+            await self._failed(worker, error)
             self._stats.count_error(ErrorKind.PREFILL_FAILED)
             return body
         finally:
@@ -120,9 +127,10 @@ class Forwarder:
 
     async def _final(self, endpoint: Endpoint, body: dict, received_at: float, hop: Hop) -> Response:
         tried: list[str] = []
+        excluded: list[str] = []
         reasons: list[str] = []
         for attempt in range(MAX_ATTEMPTS):
-            worker = choose_by_load(self._pool.candidates(DECODE_ROLES, exclude=tried))
+            worker = choose_by_load(self._pool.candidates(DECODE_ROLES, exclude=excluded))
             if worker is None:
                 break
             if attempt:
@@ -131,20 +139,29 @@ class Forwarder:
             self._pool.acquire(worker)
             self._stats.count_route(worker.id, hop)
             if body.get("stream"):
-                response, reason = await self._stream(worker, endpoint, body, received_at)
+                response, failure = await self._stream(worker, endpoint, body, received_at)
             else:
-                response, reason = await self._unary(worker, endpoint, body, received_at)
+                response, failure = await self._unary(worker, endpoint, body, received_at)
             if response is not None:
                 return response
-            self._pool.mark(worker, healthy=False)
             self._stats.count_error(ErrorKind.WORKER_FAILED)
-            reasons.append(f"{worker.id} ({worker.url}): {reason}")
+            reasons.append(f"{worker.id} ({worker.url}): {type(failure).__name__}: {failure}")
+            if not await self._failed(worker, failure):
+                excluded.append(worker.id)
         if not tried:
             self._stats.count_error(ErrorKind.NO_WORKER)
             raise RequestError(503, "no healthy worker can take this request",
                                "no_worker", type_="service_unavailable")
         raise RequestError(502, "worker(s) failed before answering: " + "; ".join(reasons),
                            "worker_failed", type_="bad_gateway")
+
+    async def _failed(self, worker: Worker, failure: Exception) -> bool:
+        """Takes a worker that failed a request out of rotation, unless it only lost the
+        connection and still answers ``/health``; True when it stays in."""
+        if isinstance(failure, CONNECTION_LOST) and await answers_health(self._client, worker, HEALTH_CHECK_S):
+            return True
+        self._pool.mark(worker, healthy=False)
+        return False
 
     def _passthrough(self, reply: httpx.Response, content: bytes) -> Response:
         if reply.status_code >= 400:
@@ -155,20 +172,20 @@ class Forwarder:
                         media_type=reply.headers.get("content-type", "application/json"))
 
     async def _unary(self, worker: Worker, endpoint: Endpoint, body: dict,
-                     received_at: float) -> tuple[Response | None, str]:
+                     received_at: float) -> tuple[Response | None, Exception | None]:
         try:
             reply = await self._client.post(worker.url + endpoint.value, json=body)
         except httpx.HTTPError as error:
-            return None, f"{type(error).__name__}: {error}"
+            return None, error
         finally:
             self._pool.release(worker)
         if reply.status_code >= 500:
-            return None, f"HTTP {reply.status_code}"
+            return None, _Failed(f"HTTP {reply.status_code}")
         self._stats.record_ttft(self._clock() - received_at)
-        return self._passthrough(reply, reply.content), ""
+        return self._passthrough(reply, reply.content), None
 
     async def _stream(self, worker: Worker, endpoint: Endpoint, body: dict,
-                      received_at: float) -> tuple[Response | None, str]:
+                      received_at: float) -> tuple[Response | None, Exception | None]:
         request = self._client.build_request("POST", worker.url + endpoint.value, json=body)
         reply: httpx.Response | None = None
         try:
@@ -179,7 +196,7 @@ class Forwarder:
                 content = await reply.aread()
                 await reply.aclose()
                 self._pool.release(worker)
-                return self._passthrough(reply, content), ""
+                return self._passthrough(reply, content), None
             chunks = reply.aiter_raw()
             first = await anext(chunks, None)
             if first is None:
@@ -188,11 +205,11 @@ class Forwarder:
             if reply is not None:
                 await reply.aclose()
             self._pool.release(worker)
-            return None, f"{type(error).__name__}: {error}"
+            return None, error
         self._stats.record_ttft(self._clock() - received_at)
         return StreamingResponse(self._relay(worker, reply, chunks, first),
                                  status_code=reply.status_code,
-                                 media_type=reply.headers.get("content-type", "text/event-stream")), ""
+                                 media_type=reply.headers.get("content-type", "text/event-stream")), None
 
     async def _relay(self, worker: Worker, reply: httpx.Response, chunks: AsyncIterator[bytes],
                      first: bytes) -> AsyncIterator[bytes]:
@@ -211,7 +228,7 @@ class Forwarder:
                 yield chunk
             self._stats.succeeded += 1
         except httpx.HTTPError as error:
-            self._pool.mark(worker, healthy=False)
+            await self._failed(worker, error)
             self._stats.count_error(ErrorKind.STREAM_BROKEN)
             event = {"error": {"message": f"worker {worker.id} failed mid-stream: {error}",
                                "type": "bad_gateway", "code": "stream_broken", "param": None}}
@@ -223,6 +240,15 @@ class Forwarder:
 
 class _Failed(Exception):
     """A worker answered in a way that counts as a failure (5xx, empty stream)."""
+
+
+async def answers_health(client: httpx.AsyncClient, worker: Worker, timeout: float) -> bool:
+    """Whether ``worker`` answers ``GET /health`` with 200 within ``timeout`` seconds."""
+    try:
+        reply = await client.get(worker.url + "/health", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return reply.status_code == 200
 
 
 def error_response(error: RequestError) -> JSONResponse:

@@ -45,7 +45,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from kvbm.serving.forwarding import Forwarder, PromptHashes, error_response, no_prompt_hashes
+from kvbm.serving.forwarding import Forwarder, PromptHashes, answers_health, error_response, no_prompt_hashes
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.router_stats import ErrorKind, RouterStats, WorkerReply, fetch_worker_stats
 from kvbm.serving.router_validation import Endpoint, RequestError, parse_request
@@ -113,7 +113,9 @@ class Router:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI):
         timeout = httpx.Timeout(self.config.request_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # Idle connections expire well before the workers' keep-alive timeout (uvicorn's and
+        # vLLM's default: 5 s), so the router seldom sends on one the worker is closing.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             self._client = client
             self._forwarder = Forwarder(self.pool, self.stats, client, self._prompt_hashes,
@@ -139,18 +141,10 @@ class Router:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             workers = [w for w in self.pool.all() if w.state in PROBED_STATES]
-            verdicts = await asyncio.gather(*(self._probe(client, w, timeout) for w in workers))
+            verdicts = await asyncio.gather(*(answers_health(client, w, timeout) for w in workers))
             for worker, healthy in zip(workers, verdicts):
                 if worker.healthy != healthy:
                     self.pool.mark(worker, healthy)
-
-    @staticmethod
-    async def _probe(client: httpx.AsyncClient, worker: Worker, timeout: float) -> bool:
-        try:
-            reply = await client.get(worker.url + "/health", timeout=timeout)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes

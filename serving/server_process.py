@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from kvbm.serving import parent_watch
 from kvbm.serving.vllm_settings import EngineSettings, vllm_env
 
 
@@ -82,7 +83,7 @@ class VLLMServer:
 
     def spawn(self, timeout_s: float = 300.0) -> "VLLMServer":
         """Starts the process and returns at once; :meth:`poll_start` says when it is up."""
-        env = {**os.environ, **vllm_env(), **self._extra_env}
+        env = {**os.environ, **vllm_env(), **self._extra_env, parent_watch.ENV: str(os.getpid())}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             # A session of its own, so stop() can signal the server and any children it forks.

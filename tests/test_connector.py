@@ -91,11 +91,49 @@ def test_repeated_long_prefix_is_served_from_g2(connector_engine):
     assert onboarded >= prompt_blocks - 1 - first.num_cached_tokens // BLOCK
 
 
-def test_async_loads_give_the_same_tokens(make_engine, tiny_model, reference):
+def record_load_modes(llm) -> list[bool]:
+    """From now on, whether each local load the connector plans is asynchronous."""
+    side = llm.llm_engine.engine_core.engine_core.scheduler.connector._scheduler
+    chosen: list[bool] = []
+    choose = side._load_async
+
+    def recorded(req_id: str, blocks: int) -> bool:
+        chosen.append(choose(req_id, blocks))
+        return chosen[-1]
+
+    side._load_async = recorded
+    return chosen
+
+
+def generate_beside_a_running_request(llm, prompts) -> list:
+    """Greedy outputs of ``prompts``, added while another request is already decoding."""
+    engine = llm.llm_engine
+    engine.add_request("busy", "Busy: " + "keep decoding " * 20, greedy(max_tokens=400))
+    engine.step()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, greedy())
+    done: dict[str, object] = {}
+    while len(done) < len(prompts):
+        done.update((out.request_id, out) for out in engine.step() if out.finished and out.request_id != "busy")
+    engine.abort_request(["busy"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+def test_large_loads_are_asynchronous_only_beside_running_requests(make_engine, tiny_model, reference):
     llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
                                      kv_transfer_config=kvbm_config(async_load_min_blocks=2)))
-    for _ in range(2):
-        assert tokens(llm.generate(PROMPTS, greedy())) == reference
+    assert tokens(llm.generate(PROMPTS, greedy())) == reference
+    modes = record_load_modes(llm)
+    onboarded = g2_stats(llm)["blocks_onboarded"]
+    # One at a time on an idle engine: nobody would wait for a load, so none is asynchronous.
+    assert [tokens(llm.generate([p], greedy()))[0] for p in PROMPTS] == reference
+    assert g2_stats(llm)["blocks_onboarded"] > onboarded and not any(modes)
+    idle_loads = len(modes)
+    llm.generate([f"Filler {i} " + "xyzzy plugh " * 150 for i in range(4)], greedy())
+    assert tokens(generate_beside_a_running_request(llm, PROMPTS)) == reference
+    assert any(modes[idle_loads:])
     assert g2_stats(llm)["blocks_onboarded"] > 0
 
 

@@ -406,3 +406,74 @@ def test_admin_launch_without_launcher_or_with_bad_bodies_is_400():
                                                     "stats_url": "http://127.0.0.1:2"})
         assert added.status_code == 201
         assert (added.json()["url"], added.json()["stats_url"]) == ("http://127.0.0.1:1", "http://127.0.0.1:2")
+
+
+# --- failures in forwarding ---------------------------------------------------------------
+
+def forward_once(answer, *roles: WorkerRole, stream: bool = False):
+    """Forwards one completion over workers answering with ``answer(request)``; returns the
+    response (or the RequestError), the pool and the stats."""
+    from kvbm.serving.forwarding import Forwarder
+
+    pool, stats = make_pool(*roles), RouterStats(window=8)
+    body = parse_request(json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1, "stream": stream}).encode(),
+                         Endpoint.COMPLETIONS, make_config())
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            try:
+                response = await Forwarder(pool, stats, client).forward(Endpoint.COMPLETIONS, body, time.monotonic())
+            except RequestError as error:
+                return error
+            if stream:  # consume the stream so the worker is released
+                response.body = b"".join([chunk async for chunk in response.body_iterator])
+            return response
+
+    return asyncio.run(run()), pool, stats
+
+
+def completion_answer(lost: set[str], failing_health: set[str]):
+    """Workers on ports 9000+: the first completion sent to a port in ``lost`` loses its
+    connection; ``/health`` fails on ports in ``failing_health``."""
+    seen: set[int] = set()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        port = request.url.port
+        if request.url.path == "/health":
+            if str(port) in failing_health:
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(200, json={})
+        if str(port) in lost and port not in seen:
+            seen.add(port)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response", request=request)
+        if json.loads(request.content).get("stream"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  stream=httpx.ByteStream(f"data: from {port}\n\n".encode()))
+        return httpx.Response(200, json={"choices": [{"text": f"from {port}"}]})
+
+    return answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lost_connection_to_a_healthy_worker_is_retried_and_keeps_it_in_rotation(stream):
+    reply, pool, stats = forward_once(completion_answer({"9000"}, set()), WorkerRole.DECODE, stream=stream)
+    assert reply.status_code == 200 and b"from 9000" in reply.body
+    assert [w.healthy for w in pool.all()] == [True]
+    assert stats.retries == 1 and stats.errors[ErrorKind.WORKER_FAILED] == 1
+
+
+def test_a_lost_connection_to_a_worker_failing_health_takes_it_out():
+    reply, pool, _ = forward_once(completion_answer({"9000"}, {"9000"}), WorkerRole.DECODE, WorkerRole.DECODE)
+    assert reply.status_code == 200 and b"from 9001" in reply.body
+    assert [w.healthy for w in pool.all()] == [False, True]
+
+
+def test_a_5xx_takes_a_worker_out_even_when_its_health_answers():
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health" or request.url.port == 9001:
+            return httpx.Response(200, json={"choices": [{"text": "ok"}]})
+        return httpx.Response(500)
+
+    reply, pool, _ = forward_once(answer, WorkerRole.DECODE, WorkerRole.DECODE)
+    assert reply.status_code == 200
+    assert [w.healthy for w in pool.all()] == [False, True]

@@ -33,8 +33,9 @@ class ConnectorConfig:
 
     Attributes:
         kvbm: the block manager's settings.
-        async_load_min_blocks: loads of at least this many blocks run asynchronously
-            (the request waits while others run); smaller loads finish before the step.
+        async_load_min_blocks: while other requests run, loads of at least this many blocks
+            run asynchronously (the request waits while the others go on); smaller loads, and
+            every load on an otherwise idle engine, finish before the step's forward pass.
         load_failure: what vLLM does after a failed load (sets vLLM's kv_load_failure_policy).
         stats_port: port of the worker's JSON/Prometheus stats endpoint; None: no endpoint.
         stats_host: address the stats endpoint binds (loopback unless set).

@@ -86,6 +86,7 @@ class SchedulerSide:
             fingerprint=fingerprint, g1_on_host=vllm_config.device_config.device_type == "cpu")
         self._requests: dict[str, _RequestState] = {}
         self._job_owner: dict[JobId, str] = {}
+        self._running: set[str] = set()  # requests the last step ran, less those finished since
         self._step = KvbmConnectorMetadata()
         self._stats = self._manager.stats()
         self._side_channel = _configured_side_channel(config)  # else learnt from the worker
@@ -123,7 +124,7 @@ class SchedulerSide:
         remote_end = self._handed_off_blocks(state, limit)
         state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
         blocks = max(match.num_blocks, state.remote_end - start)
-        return blocks * bs, blocks >= self._config.async_load_min_blocks or state.remote_end > 0
+        return blocks * bs, self._load_async(request.request_id, blocks) or state.remote_end > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         state = self._requests.get(request.request_id)
@@ -150,12 +151,23 @@ class SchedulerSide:
         self._release_handoff(state)
         self._step.loads.append(RequestLoad(
             req_id=request.request_id, jobs=jobs, missing_block_ids=missing,
-            asynchronous=count >= self._config.async_load_min_blocks or remote is not None, remote=remote))
+            asynchronous=self._load_async(request.request_id, count) or remote is not None, remote=remote))
+
+    def _load_async(self, req_id: str, blocks: int) -> bool:
+        """Whether a local (G2/G3) load of ``blocks`` runs asynchronously.
+
+        A large load runs asynchronously so the requests already running are not stalled for
+        it. With none running nobody waits, and a load finished before the forward pass saves
+        the request the steps an asynchronous one costs (vLLM schedules it only after a later
+        step reports the load done): on an idle engine every local load is synchronous.
+        """
+        return blocks >= self._config.async_load_min_blocks and bool(self._running - {req_id})
 
     # -- per-step metadata -----------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmConnectorMetadata:
         scheduled = scheduler_output.num_scheduled_tokens
+        self._running = set(scheduled)
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is not None:
@@ -199,6 +211,7 @@ class SchedulerSide:
         self._stats = self._manager.stats()
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._running.discard(request.request_id)
         state = self._requests.get(request.request_id)
         if state is None:
             return False, None

@@ -2,7 +2,8 @@
 
 Lives in each vLLM worker process. Per step, vLLM calls (with the scheduler's metadata bound):
 
-    start_load_kv     -> submit this step's loads; synchronous ones finish before it returns
+    start_load_kv     -> hold finished prefills' blocks for decode workers; submit this step's
+                         loads (synchronous ones finish before it returns)
     wait_for_save     -> submit this step's offloads; they run while the next step computes
     get_finished      -> requests whose async loads, or awaited jobs, have all ended
     get_block_ids_with_load_errors -> engine blocks that were not filled: vLLM recomputes them
@@ -114,6 +115,13 @@ class WorkerSide:
         return self._g2
 
     def start_load_kv(self, meta: KvbmConnectorMetadata) -> None:
+        # Holds first, before this step's forward pass: a decode worker may already be asking
+        # for the blocks, and a long prefill chunk in this step would keep it waiting past its
+        # grant's patience (the blocks were complete when the request finished last step).
+        for held in meta.holds:
+            self._require(self._held).hold(held.req_id, held.hashes, held.block_ids)
+        for source, hashes in meta.releases:
+            self._require(self._remote).release_hashes(source, hashes)
         loads = self._require(self._loads)
         synchronous: list[JobId] = []
         for load in meta.loads:
@@ -134,10 +142,6 @@ class WorkerSide:
         stores = self._require(self._stores)
         for req_id, job in meta.stores:
             self._submit(stores, req_id, job)
-        for held in meta.holds:
-            self._require(self._held).hold(held.req_id, held.hashes, held.block_ids)
-        for source, hashes in meta.releases:
-            self._require(self._remote).release_hashes(source, hashes)
         self._awaiting |= meta.await_saves
 
     def handle_preemptions(self) -> None:
