@@ -312,6 +312,12 @@ class Router:
         return app
 
 
+# Longer than clients keep idle connections (httpx: 5 s, the same as uvicorn's default), so a
+# client never sends a request on a connection the router is closing: under load that request
+# got no answer (a read error in the client) instead of being served.
+KEEP_ALIVE_S = 65
+
+
 class RouterServer:
     """Runs a :class:`Router` under uvicorn on ``config.host``/``config.port``.
 
@@ -337,6 +343,7 @@ class RouterServer:
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(
             router.app, log_level="warning", lifespan="on", access_log=False,
+            timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=max(1, int(config.request_timeout_s))))
         self._thread: threading.Thread | None = None
 

@@ -53,7 +53,11 @@ class Served:
         """The worker's vLLM server process and everything below it."""
         port = worker["url"].rpartition(":")[2]
         for child in psutil.Process(self.process.pid).children():
-            if f"--port {port} " in " ".join(child.cmdline()) + " ":
+            try:
+                command = " ".join(child.cmdline()) + " "
+            except psutil.Error:
+                continue  # a killed worker serve has not reaped yet
+            if f"--port {port} " in command:
                 return [child, *child.children(recursive=True)]
         raise AssertionError(f"no server process for {worker}")
 
