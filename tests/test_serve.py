@@ -82,14 +82,24 @@ def processes_with(marker: str) -> list[int]:
     return pids
 
 
-def no_process_left(marker: str) -> bool:
-    """True once no process with ``marker`` is alive. Processes killed with SIGKILL as serve
-    stops may take a moment to exit (a large address space takes time to tear down)."""
-    for _ in range(POLLS):
+def no_process_left(marker: str) -> list[str]:
+    """Waits until no process with ``marker`` is alive; returns those still alive (pid, parent,
+    group, command line). Processes killed with SIGKILL as serve stops may take a moment to
+    exit (a large address space takes time to tear down)."""
+    deadline = time.monotonic() + 90  # a liveness bound: parent_watch's grace is 30 s
+    while time.monotonic() < deadline:
         if not processes_with(marker):
-            return True
+            return []
         time.sleep(POLL_S / 10)
-    return False
+    left = []
+    for pid in processes_with(marker):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200].decode(errors="replace")
+            left.append(f"pid {pid} state {stat[0]} ppid {stat[1]} pgid {stat[2]}: {command}")
+        except OSError:
+            continue
+    return left
 
 
 def serve_command(tmp_path: Path, *flags: str) -> tuple[list[str], dict, str]:
@@ -119,7 +129,7 @@ def test_serve_names_a_worker_that_cannot_start_and_leaves_no_process(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "error: worker w1 (aggregated) on port" in result.stderr
     assert str(tmp_path / "logs" / "w1-aggregated.log") in result.stderr  # and its tail follows
-    assert no_process_left(marker)
+    assert not (left := no_process_left(marker)), left
 
 
 def test_serve_interrupted_while_starting_leaves_no_process(tmp_path):
@@ -133,7 +143,7 @@ def test_serve_interrupted_while_starting_leaves_no_process(tmp_path):
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and out.splitlines()[-1] == "stopped", out
-    assert no_process_left(marker)
+    assert not (left := no_process_left(marker)), left
 
 
 def test_serve_answers_until_sigterm_then_leaves_no_process(tmp_path):
@@ -150,7 +160,7 @@ def test_serve_answers_until_sigterm_then_leaves_no_process(tmp_path):
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and out.splitlines()[-1] == "stopped", out
-    assert no_process_left(marker)
+    assert not (left := no_process_left(marker)), left
 
 
 # --- one shared stack ---------------------------------------------------------------------
