@@ -94,9 +94,10 @@ class RemoteWorker:
         name = agent_name(config.worker, incarnation or os.urandom(4).hex())
         self._transport = NixlTransport(name, config.backends)
         self._tiers: dict[Tier, LocalTier] = {}
-        # A grant by hash may wait for its blocks a little, well inside the reader's timeout.
+        # A grant by hash may wait for its blocks (a prefill registers them at its next step,
+        # which a long prefill chunk can delay by seconds), inside the reader's timeout.
         self._source = BlockSource(name, self._tiers, lease_s=config.lease_s, clock=clock, pinner=pinner,
-                                   ready_timeout_s=config.side_channel_timeout_s / 4)
+                                   ready_timeout_s=config.side_channel_timeout_s * 0.8)
         self._pulls = PullEngine(
             self._transport,
             clock=clock,
