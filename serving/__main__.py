@@ -143,9 +143,9 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{'decode' if options.prefill else 'aggregated'} workers and the router "
           f"(logs: {options.log_dir}) ...", flush=True)
     started = time.monotonic()
-    with signals_interrupt():
+    with signals_interrupt() as interrupted:
         try:
-            with ServeStack(options) as stack:
+            with ServeStack(options).start(interrupted) as stack:
                 print(f"ready at {stack.url} after {time.monotonic() - started:.1f} s:",
                       *describe(stack), sep="\n", flush=True)
                 stats = _demo_requests(stack, args.max_tokens)

@@ -190,17 +190,23 @@ class ServeStack:
         assert self._server is not None, "the stack is not started"
         return self._server.url
 
-    def start(self) -> "ServeStack":
+    def start(self, interrupted: threading.Event | None = None) -> "ServeStack":
         """Starts the workers, waits for them, then serves the router in a background thread.
+
+        Args:
+            interrupted: set by a signal handler (see :func:`signals_interrupt`); the wait for
+                workers checks it, so an interrupt is not lost when its KeyboardInterrupt was
+                raised inside a finalizer, where Python prints and drops it.
 
         Raises:
             ServerStartError: a worker did not come up (everything is stopped first).
             OSError: the router's address cannot be bound.
+            KeyboardInterrupt: ``interrupted`` was set (everything is stopped first).
         """
         try:
             self._server = RouterServer(self.router)
             workers = [self.router.launch_worker(role) for role in self.options.roles()]
-            self._wait_started(workers)
+            self._wait_started(workers, interrupted or threading.Event())
             self._index_thread = threading.Thread(target=self._follow_index, name="kvbm-kv-index", daemon=True)
             self._index_thread.start()
             self._server.start()
@@ -209,16 +215,18 @@ class ServeStack:
             raise
         return self
 
-    def _wait_started(self, workers: list[Worker]) -> None:
+    def _wait_started(self, workers: list[Worker], interrupted: threading.Event) -> None:
         pending = list(workers)
         while pending:
+            if interrupted.is_set():
+                raise KeyboardInterrupt
             for worker in list(pending):
                 assert worker.process is not None
                 if worker.process.poll_start():
                     self.router.pool.started(worker)
                     pending.remove(worker)
             if pending:
-                time.sleep(START_POLL_S)
+                interrupted.wait(START_POLL_S)
 
     def stop(self) -> None:
         """Stops the router (in-flight requests finish), then every worker; idempotent."""
@@ -241,24 +249,32 @@ class ServeStack:
                 self.index.refresh(client, workers)
 
     def __enter__(self) -> "ServeStack":
-        return self.start()
+        return self if self._server is not None else self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
 @contextmanager
-def signals_interrupt() -> Iterator[None]:
+def signals_interrupt() -> Iterator[threading.Event]:
     """SIGINT and SIGTERM raise KeyboardInterrupt once; later ones are ignored, so a second
-    Ctrl-C cannot cut the shut-down short and leave workers behind."""
+    Ctrl-C cannot cut the shut-down short and leave workers behind.
+
+    Yields an Event the handler sets first. Python drops an exception raised while it runs a
+    finalizer or weakref callback ("Exception ignored in ..."), and a signal handler can run
+    there: waits must check the Event, not rely on the KeyboardInterrupt alone (CI once saw
+    serve ignore its SIGTERM this way and start up fully)."""
+    interrupted = threading.Event()
+
     def interrupt(signum: int, frame: object) -> None:
         for name in (signal.SIGINT, signal.SIGTERM):
             signal.signal(name, signal.SIG_IGN)
+        interrupted.set()
         raise KeyboardInterrupt
 
     previous = {name: signal.signal(name, interrupt) for name in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield interrupted
     finally:
         for name, handler in previous.items():
             signal.signal(name, handler)
@@ -276,13 +292,14 @@ def serve_until_signal(options: ServeOptions, out: TextIO = sys.stdout) -> int:
     print(f"starting {options.prefill} prefill + {options.decode} "
           f"{'decode' if options.prefill else 'aggregated'} workers (logs: {options.log_dir}) ...",
           file=out, flush=True)
-    with signals_interrupt():
+    with signals_interrupt() as interrupted:
         try:
-            with ServeStack(options) as stack:
+            with ServeStack(options).start(interrupted) as stack:
                 print(f"router {stack.url} serving model {options.router.model_name!r}; workers:",
                       *describe(stack), "ready (Ctrl-C or SIGTERM stops)", sep="\n", file=out,
                       flush=True)
-                threading.Event().wait()
+                interrupted.wait()
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
             print("stopped", file=out, flush=True)
             return 0

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,8 @@ import pytest
 from test_router import CHAT_TEMPLATE, chat_body, completion_body, post, text_of
 
 from kvbm.serving.router_config import RouterConfig
-from kvbm.serving.serve import ServeOptions, ServeStack, connector_config, cpu_groups
+from kvbm.serving.serve import (ServeOptions, ServeStack, connector_config, cpu_groups,
+                                signals_interrupt)
 from kvbm.serving.server_process import VLLMServer
 from kvbm.serving.vllm_settings import EngineSettings
 from kvbm.serving.workers import WorkerRole
@@ -53,6 +55,28 @@ def test_cpu_groups_give_each_worker_its_own_cores():
     assert cpu_groups(3, [0, 1]) == ["0", "1"]  # more workers than CPUs: groups repeat
     assert cpu_groups(1, [0, 1]) == ["0,1"]
     assert cpu_groups(3, list(range(8))) == ["0,1", "2,3", "4,5"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_dropped_inside_a_finalizer_still_stops_the_start():
+    """Python drops an exception raised in a weakref callback; a signal handled there must not
+    be lost (CI once saw serve ignore its SIGTERM and start up fully)."""
+    class Collected:
+        pass
+
+    def on_collect(_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):  # the handler runs at a bytecode boundary in here
+            pass
+
+    never_starts = type("W", (), {"process": type("P", (), {"poll_start": lambda self: False})()})()
+    with signals_interrupt() as interrupted:
+        collected = Collected()
+        reference = weakref.ref(collected, on_collect)
+        del collected  # the callback's KeyboardInterrupt is printed and dropped
+        assert reference() is None and interrupted.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            ServeStack._wait_started(None, [never_starts], interrupted)
 
 
 def test_options_roles_and_validation(tmp_path):
