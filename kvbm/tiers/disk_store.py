@@ -12,11 +12,12 @@ address and size are 4 KiB multiples (G2's page-aligned buffer with 4 KiB-multip
 the kernel as they are, one iovec per row; other rows are bounced through a per-thread aligned
 buffer. Buffered I/O takes any row.
 
-Failures are per task and never raise out of a batch: :class:`IoOutcome` names the positions
-that failed (an errno: disk full, EIO, a file size limit) and the positions read short (past the
+Failures never raise out of a batch: :class:`IoOutcome` names the positions that failed (an
+errno: disk full, EIO, a file size limit) and the positions read short (past the
 end of a truncated file: their rows are zeroed and they count as integrity failures). A batch
 of writes is durable when ``write_rows`` returns: each file it touched is fdatasync'ed once, and
-a failed sync fails every position written to that file.
+a failed sync fails every position written to that file. A task whose one multi-block call
+fails is retried block by block, so a bad sector costs its own block, not the whole run.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class IoOutcome:
         return not len(self.failed) and not len(self.short)
 
 
+TaskResult = tuple[int | np.ndarray, str | None]
+"""(blocks done from the start of the task, or a mask of the blocks done when the task was
+retried block by block; the first error or None)."""
+
 SyncFiles = Callable[[list[int]], list[tuple[int, str | None]]]
 """fdatasync these files; returns (file index, error or None) for each."""
 
@@ -75,7 +80,7 @@ class IoBatch:
     """A batch submitted to the pool; ``wait`` returns its :class:`IoOutcome` once. A write
     batch (``sync`` given) syncs every file it wrote before ``wait`` returns."""
 
-    def __init__(self, tasks: list[tuple[np.ndarray, Future[tuple[int, str | None]]]],
+    def __init__(self, tasks: list[tuple[np.ndarray, Future[TaskResult]]],
                  files: np.ndarray, sync: SyncFiles | None, errors: BurstLog) -> None:
         self._tasks = tasks
         self._files = files
@@ -87,15 +92,22 @@ class IoBatch:
         written: dict[int, list[np.ndarray]] = {}
         for positions, future in self._tasks:
             done, err = future.result()
-            if done < len(positions):
+            if isinstance(done, np.ndarray):  # retried block by block: ``done`` is a mask
+                failed.append(positions[~done])
+                error = error or err
+                ok = positions[done]
+            elif done < len(positions):
                 rest = positions[done:]
                 if err is None and self._sync is None:
                     short.append(rest)
                 else:
                     failed.append(rest)
                     error = error or err or "short write"
-            if self._sync is not None and done:
-                written.setdefault(int(self._files[positions[0]]), []).append(positions[:done])
+                ok = positions[:done]
+            else:
+                ok = positions
+            if self._sync is not None and len(ok):
+                written.setdefault(int(self._files[positions[0]]), []).append(ok)
         for file_index, err in self._sync(list(written)) if self._sync is not None and written else ():
             if err is not None:
                 failed.extend(written[file_index])
@@ -311,7 +323,23 @@ class DiskSlotStore(SlotStore):
         brk |= (np.arange(n) - run_start) % self._per_task == 0
         return np.split(order, np.flatnonzero(brk)[1:])
 
-    def _write_task(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> tuple[int, str | None]:
+    def _write_task(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> TaskResult:
+        blocks, err = self._write_run(fd, offset, rows, ids, zero_copy)
+        if err is not None and len(ids) - blocks > 1:
+            return self._one_by_one(self._write_run, fd, offset, rows, ids, blocks, zero_copy, err)
+        return blocks, err
+
+    def _read_task(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> TaskResult:
+        blocks, err = self._read_run(fd, offset, rows, ids, zero_copy)
+        if err is None:
+            for r in ids[blocks:]:  # past the end of a truncated file
+                rows[r] = 0
+        elif len(ids) - blocks > 1:
+            return self._one_by_one(self._read_run, fd, offset, rows, ids, blocks, zero_copy, err)
+        return blocks, err
+
+    def _write_run(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> tuple[int, str | None]:
+        """One pwritev of consecutive slots; returns (whole blocks written, error)."""
         if zero_copy:
             bufs = self._iovecs(rows, ids)
         else:
@@ -322,7 +350,8 @@ class DiskSlotStore(SlotStore):
         done, err = _transfer(os.pwritev, fd, bufs, offset)
         return done // self._stride, err
 
-    def _read_task(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> tuple[int, str | None]:
+    def _read_run(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> tuple[int, str | None]:
+        """One preadv of consecutive slots; returns (whole blocks read, error or None at EOF)."""
         if zero_copy:
             done, err = _transfer(os.preadv, fd, self._iovecs(rows, ids), offset)
         else:
@@ -330,11 +359,19 @@ class DiskSlotStore(SlotStore):
             done, err = _transfer(os.preadv, fd, [bounce[: len(ids)].reshape(-1)], offset)
             for j, r in enumerate(ids[: done // self._stride]):
                 rows[r] = bounce[j, : self._block_bytes]
-        blocks = done // self._stride
-        if err is None:
-            for r in ids[blocks:]:  # past the end of a truncated file
-                rows[r] = 0
-        return blocks, err
+        return done // self._stride, err
+
+    def _one_by_one(self, run: Callable[..., tuple[int, str | None]], fd: int, offset: int, rows: np.ndarray,
+                    ids: list[int], start: int, zero_copy: bool, error: str) -> TaskResult:
+        """After a multi-block call failed at block ``start``: each later block on its own, so
+        only the blocks that really fail (a bad sector, the space left) are lost. A retried
+        read that ends short fails too (a file truncated under an I/O error is not trusted)."""
+        ok = np.zeros(len(ids), dtype=bool)
+        ok[:start] = True
+        for j in range(start, len(ids)):
+            done, err = run(fd, offset + j * self._stride, rows, ids[j : j + 1], zero_copy)
+            ok[j] = done == 1
+        return ok, error
 
     def _iovecs(self, rows: np.ndarray, ids: list[int]) -> list[np.ndarray]:
         if self._stride == self._block_bytes:

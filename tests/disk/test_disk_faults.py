@@ -3,6 +3,7 @@ records. Blocks that cannot be stored are counted and logged once per burst; ser
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import lmdb
 import pytest
 
 from kvbm.ids import Tier
+from kvbm.tiers import disk_store
 
 from .conftest import STRIDE, build_node, g3_config, make_blocks, make_fingerprint, run_diskproc, slot_file
 
@@ -127,3 +129,84 @@ def test_index_records_kvbm_did_not_write_are_dropped(tmp_path: Path) -> None:
     finally:
         node.close()
 
+
+
+class FailingOs:
+    """``os`` for the disk store, except that I/O touching chosen slots fails with EIO, as a
+    bad sector or a dying disk does (no device-mapper "error" target in a container)."""
+
+    def __init__(self) -> None:
+        self.bad_slots: set[int] = set()
+        self.sync_fails = False
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def _check(self, bufs, offset: int) -> None:
+        end = offset + sum(memoryview(b).nbytes for b in bufs)
+        if any(offset < (s + 1) * STRIDE and s * STRIDE < end for s in self.bad_slots):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def preadv(self, fd: int, bufs, offset: int) -> int:
+        self._check(bufs, offset)
+        return os.preadv(fd, bufs, offset)
+
+    def pwritev(self, fd: int, bufs, offset: int) -> int:
+        self._check(bufs, offset)
+        return os.pwritev(fd, bufs, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        if self.sync_fails:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.fdatasync(fd)
+
+
+def test_eio_on_reads_writes_and_syncs_fails_only_those_blocks_and_serving_goes_on(
+        tmp_path: Path, monkeypatch, caplog) -> None:
+    failing = FailingOs()
+    monkeypatch.setattr(disk_store, "os", failing)
+    node = build_node(g3_config(tmp_path / "g3", g3_blocks=64, g2_capacity_blocks=8), g1_blocks=32)
+    try:
+        a = make_blocks(8, seed=5)
+        node.write(a, list(range(8)))
+        assert node.manager.stats().tier(G3).blocks_offloaded == 8
+
+        # A read that hits a bad sector: that block is a load failure (recomputed), never passed
+        # on as bytes; the rest of its run, read again block by block, is served intact.
+        node.drain()
+        for i in range(8, 20):  # push A out of G2, so it can only come from G3
+            node.write(make_blocks(1, seed=100 + i), [i])
+        failing.bad_slots = {2}
+        assert node.manager.lookup(a).tiers == (G3,) * 8
+        for layer in node.layers:
+            layer[:8] = 0
+        plan = node.manager.onboard(a, list(range(8)))
+        results = node.run(plan.jobs)
+        failed = {int(plan.jobs[0].dst_ids[p]) for r in results for p in r.failed}
+        assert failed == {2} and all("EIO" in r.reason for r in results if len(r.failed))
+        assert all(not node.holds(i, a.hashes[i]) and not node.layers[0][i].any() for i in failed)
+        assert all(node.holds(i, a.hashes[i]) for i in set(range(8)) - failed)
+        assert node.manager.stats().tier(G3).io_errors == len(failed)
+
+        # Writes into bad sectors, then a sync that fails: nothing of either batch is committed,
+        # so nothing unverified is ever indexed; both bursts are counted.
+        with caplog.at_level(logging.WARNING):
+            before = node.manager.stats().tier(G3)
+            failing.bad_slots = set(range(64))
+            b = make_blocks(4, seed=6)
+            node.write(b, [24, 25, 26, 27])
+            failing.bad_slots, failing.sync_fails = set(), True
+            c = make_blocks(4, seed=7)
+            node.write(c, [28, 29, 30, 31])
+            after = node.manager.stats().tier(G3)
+        assert after.blocks_offloaded == before.blocks_offloaded
+        assert after.io_errors - before.io_errors >= 8
+        assert any("EIO" in r.message for r in caplog.records if r.name == "kvbm.tiers.disk_store")
+
+        # The disk recovers: serving (and storing) goes on.
+        failing.sync_fails = False
+        d = make_blocks(4, seed=8)
+        node.write(d, [0, 1, 2, 3])
+        assert node.manager.stats().tier(G3).blocks_offloaded == after.blocks_offloaded + 4
+    finally:
+        node.close()
