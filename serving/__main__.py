@@ -57,6 +57,16 @@ def _count(minimum: int):
     return parse
 
 
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
 def _options(args: argparse.Namespace, router: dict) -> ServeOptions:
     """The stack the parsed flags describe (builds the embedded model when it is named)."""
     if args.model in PRESETS:
@@ -67,7 +77,8 @@ def _options(args: argparse.Namespace, router: dict) -> ServeOptions:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"kvbm-{args.command}-"))
     engine = EngineSettings(model=model, dtype=args.dtype, chat_template=args.chat_template)
     return ServeOptions(engine=engine, router=RouterConfig(model_name=served_name, **router),
-                        log_dir=log_dir, prefill=args.prefill, decode=args.decode)
+                        log_dir=log_dir, prefill=args.prefill, decode=args.decode,
+                        kvbm=args.kvbm_config, g3_dir=args.g3_dir)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -137,7 +148,11 @@ def _demo_requests(stack: ServeStack, max_tokens: int) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    options = _options(args, {})
+    try:
+        options = _options(args, {})
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"model: {options.engine.model}")
     print(f"starting {options.prefill} prefill + {options.decode} "
           f"{'decode' if options.prefill else 'aggregated'} workers and the router "
@@ -179,6 +194,12 @@ def _stack_flags(parser: argparse.ArgumentParser, dtype: str) -> None:
     parser.add_argument("--chat-template", type=Path, default=None,
                         help="Jinja chat template file for models without one")
     parser.add_argument("--log-dir", default=None, help="worker logs (default: a new temp dir)")
+    parser.add_argument("--kvbm-config", type=_json_object, default={}, metavar="JSON",
+                        help="kv_connector_extra_config fields for every worker, e.g. "
+                             "'{\"g2_capacity_bytes\": \"4GiB\"}'")
+    parser.add_argument("--g3-dir", type=Path, default=None, metavar="DIR",
+                        help="a G3 disk tier per worker in DIR/<worker id> (2 GiB each unless "
+                             "--kvbm-config sets g3_capacity_bytes); a restart on DIR comes back warm")
 
 
 def main(argv: list[str] | None = None) -> int:

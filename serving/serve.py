@@ -26,11 +26,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 
@@ -43,15 +43,32 @@ from kvbm.serving.workers import Worker, WorkerRole
 
 WORKER_HOST = "127.0.0.1"  # workers only talk to the router and to each other
 START_POLL_S = 0.5
+DEFAULT_G3_CAPACITY = "2GiB"  # per worker, when serve is given a G3 directory and no size
 
 
-def connector_config(worker_id: str, stats_port: int, side_channel_port: int) -> dict:
+# Set by serve for each worker; a user's kvbm settings may not name them.
+SERVE_OWNED_FIELDS = ("remote", "stats_port", "stats_host", "g3_dir")
+
+
+def connector_config(worker_id: str, stats_port: int, side_channel_port: int,
+                     kvbm: Mapping[str, Any] | None = None) -> dict:
     """vLLM's ``kv_transfer_config`` for one worker: kvbm's connector in both roles (a worker
     prefills for a peer or decodes from one, per request), named ``worker_id`` on NIXL. The
-    side channel's port is fixed up front so the worker's first request can be handed off."""
-    return {"kv_connector": "KVBMConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"remote": {"worker": worker_id, "side_channel_port": side_channel_port},
-                                          "stats_port": stats_port}}
+    side channel's port is fixed up front so the worker's first request can be handed off.
+    ``kvbm`` adds the user's ``kv_connector_extra_config`` fields (G2 size, G3, policies)."""
+    extra = {**(kvbm or {}), "remote": {"worker": worker_id, "side_channel_port": side_channel_port},
+             "stats_port": stats_port}
+    return {"kv_connector": "KVBMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
+def worker_kvbm(options: "ServeOptions", worker_id: str) -> dict[str, Any]:
+    """The kvbm fields of one worker: the user's, plus its own G3 directory under
+    ``options.g3_dir`` (a G3 directory serves one process; the id keeps it across restarts)."""
+    fields = dict(options.kvbm)
+    if options.g3_dir is not None:
+        fields["g3_dir"] = str(Path(options.g3_dir).resolve() / worker_id)
+        fields.setdefault("g3_capacity_bytes", DEFAULT_G3_CAPACITY)
+    return fields
 
 
 class WorkerServer:
@@ -101,11 +118,14 @@ class WorkerLauncher:
         log_dir: each worker logs to ``<id>-<role>.log`` here.
         start_timeout_s: how long a worker may take to answer ``/health``.
         cpus: CPU groups (:func:`cpu_groups`) handed to workers in turn.
+        kvbm: a worker id's kvbm fields (see :func:`connector_config`).
     """
 
     def __init__(self, engine: EngineSettings, served_name: str, log_dir: Path,
-                 start_timeout_s: float, cpus: list[str]) -> None:
+                 start_timeout_s: float, cpus: list[str],
+                 kvbm: Callable[[str], Mapping[str, Any]] = lambda worker_id: {}) -> None:
         self._engine = engine
+        self._kvbm = kvbm
         self._served_name = served_name
         self._log_dir = Path(log_dir)
         self._start_timeout_s = start_timeout_s
@@ -114,7 +134,7 @@ class WorkerLauncher:
 
     def __call__(self, role: WorkerRole, worker_id: str) -> WorkerServer:
         stats_port = free_port(WORKER_HOST)
-        connector = connector_config(worker_id, stats_port, free_port(WORKER_HOST))
+        connector = connector_config(worker_id, stats_port, free_port(WORKER_HOST), self._kvbm(worker_id))
         settings = dataclasses.replace(self._engine, kv_transfer_config=connector)
         cpus = self._cpus[len(self._launched) % len(self._cpus)]
         server = VLLMServer(settings, self.log_path(role, worker_id), host=WORKER_HOST, served_name=self._served_name,
@@ -147,6 +167,12 @@ class ServeOptions:
         prefill: prefill workers at start; 0 serves aggregated.
         decode: decode workers at start (aggregated workers when ``prefill`` is 0).
         start_timeout_s: how long each worker may take to become healthy.
+        kvbm: ``kv_connector_extra_config`` fields every worker gets (G2 size, policies...),
+            checked here so a wrong one stops serve before any worker starts; serve sets
+            ``remote``, ``stats_port``, ``stats_host`` and ``g3_dir`` itself.
+        g3_dir: each worker keeps a G3 disk tier in ``<g3_dir>/<worker id>`` (size:
+            ``kvbm["g3_capacity_bytes"]``, default 2 GiB), so a stack started again on the
+            same directory comes back warm.
     """
 
     engine: EngineSettings
@@ -155,6 +181,8 @@ class ServeOptions:
     prefill: int = 1
     decode: int = 1
     start_timeout_s: float = 300.0
+    kvbm: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    g3_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.engine.kv_transfer_config is not None:
@@ -163,6 +191,15 @@ class ServeOptions:
             raise ValueError(f"prefill must be an integer >= 0, got {self.prefill!r}")
         if not isinstance(self.decode, int) or self.decode < 1:
             raise ValueError(f"decode must be an integer >= 1, got {self.decode!r}")
+        if not isinstance(self.kvbm, Mapping):
+            raise ValueError(f"kvbm must be a mapping of kv_connector_extra_config fields, got {self.kvbm!r}")
+        if owned := [name for name in SERVE_OWNED_FIELDS if name in self.kvbm]:
+            hint = " (give serve a G3 directory instead: each worker gets its own)" if "g3_dir" in owned else ""
+            raise ValueError(f"kvbm config: serve sets {', '.join(owned)} for each worker{hint}")
+        from kvbm.connectors.vllm.config import ConnectorConfig  # no vllm import
+
+        ConnectorConfig.from_extra_config(connector_config("w0", 0, 0, worker_kvbm(self, "w0"))
+                                          ["kv_connector_extra_config"])
 
     def roles(self) -> list[WorkerRole]:
         """The workers' roles at start, prefill first."""
@@ -176,7 +213,8 @@ class ServeStack:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.launcher = WorkerLauncher(options.engine, options.router.model_name, options.log_dir,
-                                       options.start_timeout_s, cpu_groups(len(options.roles())))
+                                       options.start_timeout_s, cpu_groups(len(options.roles())),
+                                       kvbm=lambda worker_id: worker_kvbm(options, worker_id))
         template = options.engine.chat_template
         self.index = KvIndex(options.engine.model, template.read_text() if template else None)
         self.router = Router(options.router, prompt_hashes=self.index.prompt_hashes,

@@ -4,7 +4,8 @@ One ``python -m kvbm.serving serve`` (1 prefill + 1 decode, tiny model, float32)
 the module, in this order: HTTP fuzzing, 64 concurrent streams over 1,000 requests (no error,
 no leaked block or lease, no memory growth), the decode worker killed with SIGKILL mid-stream
 and replaced through the admin API, and last the serve process itself killed with SIGKILL
-mid-stream, after which no worker may outlive it (kvbm.serving.parent_watch).
+mid-stream, after which no worker may outlive it (kvbm.serving.parent_watch); then serve is
+started again on the same G3 directories (one per worker, ``--g3-dir``) and comes back warm.
 
 Each test prints the figures the README's reliability section records.
 """
@@ -19,7 +20,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import psutil
@@ -76,15 +80,18 @@ def gone(processes: list[psutil.Process]) -> bool:
     return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("serve-faults")
+@contextmanager
+def serve(logs: Path) -> Iterator[Served]:
+    """``python -m kvbm.serving serve`` with a G3 tier per worker under ``logs/g3``, until
+    the block ends (SIGTERM), or until a test killed it."""
     port = free_port("127.0.0.1")
-    output = logs / "serve.out"
+    output = logs / f"serve-{port}.out"
     with open(output, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "kvbm.serving", "serve", "--model", MODEL, "--dtype", "float32",
-             "--port", str(port), "--log-dir", str(logs)], stdout=out, stderr=subprocess.STDOUT)
+             "--port", str(port), "--log-dir", str(logs), "--g3-dir", str(logs / "g3"),
+             "--kvbm-config", json.dumps({"g3_capacity_bytes": "64MiB"})],
+            stdout=out, stderr=subprocess.STDOUT)
     served = Served(process, f"http://127.0.0.1:{port}")
     tree: list[psutil.Process] = []
     try:
@@ -96,9 +103,20 @@ def served(tiny_model, tmp_path_factory):
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(LIVENESS_S)
-        for leftover in tree:  # only after a failed test: the last test checks none is left
+        for leftover in tree:  # only after a failed test: the tests check none is left
             if leftover.is_running():
                 leftover.kill()
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve-faults")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, logs):
+    with serve(logs) as served:
+        yield served
 
 
 def completion(prompt: str, stream: bool) -> dict:
@@ -175,6 +193,14 @@ FIELDS = {"model": st.one_of(st.just(MODEL), ANY_JSON), "prompt": st.one_of(st.s
           "no_such_field": ANY_JSON}
 BODIES = st.fixed_dictionaries({"max_tokens": MAX_TOKENS_VALUES},
                                optional=FIELDS).map(lambda body: json.dumps(body).encode())
+# Valid requests with one field fuzzed (or an unknown one added), so the fuzz also reaches the
+# workers and gets answers, not only the router's validation.
+VALID = {"model": st.just(MODEL), "prompt": st.sampled_from(PROMPTS), "max_tokens": st.just(2),
+         "messages": st.just([{"role": "user", "content": PROMPTS[2]}])}
+NEAR_VALID = st.sampled_from(["model", "prompt", "max_tokens", "messages", "temperature", "stream", "n",
+                              "no_such_field"]).flatmap(
+    lambda fuzzed: st.fixed_dictionaries({**VALID, fuzzed: FIELDS.get(fuzzed, MAX_TOKENS_VALUES)})
+).map(lambda body: json.dumps(body).encode())
 RAW = st.one_of(st.binary(max_size=64), st.just(b"\xff\xfe{"), st.just(b'{"prompt": "\xc3\x28"}'),
                 st.just(b"[]"), st.just(b"null"), st.just(b'{"model": "tiny", "prompt": "x", "max_tokens": 1e400}'))
 tried: dict[int, int] = {}
@@ -182,7 +208,7 @@ tried: dict[int, int] = {}
 
 @settings(max_examples=250, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=st.one_of(BODIES, RAW))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=st.one_of(BODIES, NEAR_VALID, RAW))
 def test_fuzzed_requests_get_4xx_with_a_message_or_an_answer(served, path, body):
     reply = httpx.post(served.url + path, content=body, headers={"content-type": "application/json"}, timeout=120)
     tried[reply.status_code] = tried.get(reply.status_code, 0) + 1
@@ -315,3 +341,25 @@ def test_serve_killed_mid_stream_leaves_no_worker_behind(served, expected):
     wait_for(lambda: all(gone(tree) for tree in trees), "every worker to exit after serve was killed")
     print(f"\nserve killed after 4 of {len(bodies)} requests: "
           f"{sum(not t.startswith(('client', 'error')) for t, _ in results)} finished correct; no worker left")
+
+
+def g3_counters(served: Served) -> dict[str, dict]:
+    return {w["id"]: w["block_stats"]["tiers"]["g3"] for w in served.stats()["workers"]
+            if w["state"] == "active"}
+
+
+def test_serve_started_again_after_kill_9_comes_back_warm_from_g3(served, expected, logs):
+    assert served.process.poll() is not None  # the test above killed it
+    with serve(logs) as again:
+        opened = g3_counters(again)
+        prefill = again.workers("prefill")[0]["id"]
+        assert opened[prefill]["used_blocks"] > 0, opened  # found on disk
+        results = asyncio.run(run_requests(again.url, [completion(p, s) for p in PROMPTS for s in (False, True)], 1))
+        assert [text for text, _ in results] == [expected[p] for p in PROMPTS for _ in (False, True)]
+        g3 = g3_counters(again)[prefill]
+        # The long prompts' blocks came from the prefill's disk, not from a recompute.
+        assert g3["hits"] > 0 and g3["blocks_onboarded"] > 0, g3
+        print(f"\nrestart on the same G3 directories: "
+              + "; ".join(f"{worker} found {c['used_blocks']} blocks (dropped {c['dropped_on_open']})"
+                          for worker, c in opened.items())
+              + f"; prefill served {g3['blocks_onboarded']} blocks from G3")
