@@ -13,9 +13,9 @@ Contract (see DESIGN.md, "Disaggregated flow"):
        ends before its first chunk) leaves rotation (the health probe brings it back) and
        the request is retried once on another worker; after that the client gets a 502.
        A worker's own 4xx passes through unchanged. A lost connection is not enough to
-       take a worker out: if it still answers ``/health`` it stays in rotation and may take
-       the retry (with one decode worker, one reset connection would otherwise fail every
-       request until the probe brought the worker back).
+       take a worker out: unless its ``/health`` is refused or fails it stays in rotation and
+       may take the retry (with one decode worker, one reset connection would otherwise fail
+       every request until the probe brought the worker back).
     3. Streams are relayed chunk by chunk; if the worker breaks mid-stream the client gets
        a final SSE ``error`` event (its status line is already sent).
     4. Every hop is bracketed by ``WorkerPool.acquire``/``release``, also on failure and on
@@ -27,18 +27,21 @@ Contract (see DESIGN.md, "Disaggregated flow"):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from kvbm.serving.health import Health, check_health
 from kvbm.serving.router_stats import ErrorKind, Hop, RouterStats
 from kvbm.serving.router_validation import Endpoint, RequestError
 from kvbm.serving.routing import (PublishedHashes, choose_by_load, choose_prefill,
                                   no_published_hashes)
 from kvbm.serving.workers import Worker, WorkerPool, WorkerRole
 
+logger = logging.getLogger(__name__)
 PromptHashes = Callable[[dict], Sequence[Hashable]]
 DECODE_ROLES = (WorkerRole.DECODE, WorkerRole.AGGREGATED)
 MAX_ATTEMPTS = 2  # the first try and one retry
@@ -110,7 +113,7 @@ class Forwarder:
         finally:
             self._pool.release(worker)
         if reply.status_code >= 500:
-            self._pool.mark(worker, healthy=False)
+            self._pool.mark(worker, healthy=False, reason=f"prefill answered HTTP {reply.status_code}")
         if reply.status_code >= 400:
             self._stats.count_error(ErrorKind.PREFILL_FAILED)
             return body
@@ -157,10 +160,13 @@ class Forwarder:
 
     async def _failed(self, worker: Worker, failure: Exception) -> bool:
         """Takes a worker that failed a request out of rotation, unless it only lost the
-        connection and still answers ``/health``; True when it stays in."""
-        if isinstance(failure, CONNECTION_LOST) and await answers_health(self._client, worker, HEALTH_CHECK_S):
-            return True
-        self._pool.mark(worker, healthy=False)
+        connection and its ``/health`` is not refused; True when it stays in."""
+        if (isinstance(failure, CONNECTION_LOST)
+                and await check_health(self._client, worker, HEALTH_CHECK_S) is not Health.DOWN):
+            logger.warning("worker %s (%s) lost a connection (%s: %s) but is not down; it stays in "
+                           "rotation", worker.id, worker.url, type(failure).__name__, failure)
+            return True  # alive, perhaps busy: the probe takes it out if it stays silent
+        self._pool.mark(worker, healthy=False, reason=f"{type(failure).__name__}: {failure}")
         return False
 
     def _passthrough(self, reply: httpx.Response, content: bytes) -> Response:
@@ -240,15 +246,6 @@ class Forwarder:
 
 class _Failed(Exception):
     """A worker answered in a way that counts as a failure (5xx, empty stream)."""
-
-
-async def answers_health(client: httpx.AsyncClient, worker: Worker, timeout: float) -> bool:
-    """Whether ``worker`` answers ``GET /health`` with 200 within ``timeout`` seconds."""
-    try:
-        reply = await client.get(worker.url + "/health", timeout=timeout)
-    except Exception:  # noqa: BLE001 - any failure to answer means unhealthy; httpcore has
-        return False   # raised AttributeError for a server dying during the connect
-    return reply.status_code == 200
 
 
 def error_response(error: RequestError) -> JSONResponse:

@@ -45,7 +45,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from kvbm.serving.forwarding import Forwarder, PromptHashes, answers_health, error_response, no_prompt_hashes
+from kvbm.serving.forwarding import Forwarder, PromptHashes, error_response, no_prompt_hashes
+from kvbm.serving.health import ProbeVerdicts, check_health
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.router_stats import ErrorKind, RouterStats, WorkerReply, fetch_worker_stats
 from kvbm.serving.router_validation import Endpoint, RequestError, parse_request
@@ -138,13 +139,13 @@ class Router:
 
     async def _probe_forever(self, client: httpx.AsyncClient) -> None:
         timeout = min(HEALTH_PROBE_TIMEOUT_S, self.config.health_interval_s)
+        verdicts = ProbeVerdicts(self.pool)
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             workers = [w for w in self.pool.all() if w.state in PROBED_STATES]
-            verdicts = await asyncio.gather(*(answers_health(client, w, timeout) for w in workers))
-            for worker, healthy in zip(workers, verdicts):
-                if worker.healthy != healthy:
-                    self.pool.mark(worker, healthy)
+            answers = await asyncio.gather(*(check_health(client, w, timeout) for w in workers))
+            for worker, health in zip(workers, answers):
+                verdicts.apply(worker, health)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes

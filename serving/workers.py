@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 from urllib.parse import urlsplit
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerRole(enum.Enum):
@@ -182,10 +185,14 @@ class WorkerPool:
         if worker.in_flight == 0 and worker.state is WorkerState.DRAINING:
             worker.state = WorkerState.DRAINED
 
-    def mark(self, worker: Worker, healthy: bool) -> None:
-        """Health verdict from a failed request or the background probe."""
+    def mark(self, worker: Worker, healthy: bool, reason: str = "") -> None:
+        """Health verdict from a failed request or the background probe; a change of rotation
+        is logged with ``reason``."""
         if not healthy:
             worker.failures += 1
+        if healthy != worker.healthy:
+            logger.warning("worker %s (%s) %s rotation%s", worker.id, worker.url,
+                           "back in" if healthy else "out of", f": {reason}" if reason else "")
         worker.healthy = healthy
 
     def started(self, worker: Worker) -> bool:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+from kvbm.serving.health import Health, ProbeVerdicts, check_health
 from kvbm.serving.router import Router
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.router_stats import (ErrorKind, Hop, RouterStats, WorkerReply,
@@ -477,3 +478,39 @@ def test_a_5xx_takes_a_worker_out_even_when_its_health_answers():
     reply, pool, _ = forward_once(answer, WorkerRole.DECODE, WorkerRole.DECODE)
     assert reply.status_code == 200
     assert [w.healthy for w in pool.all()] == [False, True]
+
+
+# --- health --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer, expected", [
+    (lambda request: httpx.Response(200), Health.UP),
+    (lambda request: httpx.Response(503), Health.DOWN),
+    (lambda request: (_ for _ in ()).throw(httpx.ConnectError("refused", request=request)), Health.DOWN),
+    (lambda request: (_ for _ in ()).throw(httpx.ReadTimeout("late", request=request)), Health.SLOW),
+])
+def test_a_health_check_tells_late_from_down(answer, expected):
+    worker = make_pool(WorkerRole.DECODE).all()[0]
+
+    async def check() -> Health:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await check_health(client, worker, timeout=1.0)
+
+    assert asyncio.run(check()) is expected
+
+
+def test_late_probes_take_a_worker_out_only_in_a_row_and_a_refusal_at_once():
+    pool = make_pool(WorkerRole.DECODE, WorkerRole.DECODE)
+    busy, dead = pool.all()
+    verdicts = ProbeVerdicts(pool, slow_to_eject=3)
+    for health in (Health.SLOW, Health.SLOW, Health.UP, Health.SLOW, Health.SLOW):
+        verdicts.apply(busy, health)
+        assert busy.healthy  # never three late answers in a row
+    verdicts.apply(busy, Health.SLOW)
+    assert not busy.healthy
+    verdicts.apply(busy, Health.SLOW)
+    assert not busy.healthy  # still out until it answers
+    verdicts.apply(busy, Health.UP)
+    assert busy.healthy
+    verdicts.apply(dead, Health.DOWN)
+    assert not dead.healthy
+    assert [w.id for w in pool.candidates((WorkerRole.DECODE,))] == [busy.id]

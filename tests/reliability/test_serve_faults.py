@@ -280,10 +280,12 @@ def test_64_streams_over_1000_requests_no_error_no_leak_no_growth(served, expect
     assert not wrong, wrong[:5]
     after = served.stats()
     assert after["requests"] - before["requests"] == REQUESTS
-    # A failed prefill hop falls back to aggregated serving (the output above is still right);
-    # anything a client could see is an error.
+    # A failed prefill hop falls back to aggregated serving, a decode hop that failed before
+    # its first byte is retried (the outputs above are still right); anything else is an error.
     failed = {k: after["errors"][k] - before["errors"][k] for k in after["errors"]}
-    assert not any(n for kind, n in failed.items() if kind != "prefill_failed"), failed
+    retried = after["retries"] - before["retries"]
+    assert failed["worker_failed"] <= retried, (failed, retried)
+    assert not any(n for kind, n in failed.items() if kind not in ("prefill_failed", "worker_failed")), failed
     assert after["disaggregated"] - before["disaggregated"] >= REQUESTS // 2  # the long prompts
     wait_for(lambda: idle(worker_gauges(served)), "every worker to release its blocks, holds and leases")
     end = [tree_rss(tree) for tree in trees]
@@ -292,7 +294,7 @@ def test_64_streams_over_1000_requests_no_error_no_leak_no_growth(served, expect
     print(f"\n{REQUESTS} requests, {STREAMS} streams: {took:.1f} s; first byte p50 "
           f"{firsts[len(firsts) // 2] * 1000:.0f} ms p99 {firsts[int(len(firsts) * 0.99)] * 1000:.0f} ms; "
           f"router TTFT p99 {after['ttft_s']['p99'] * 1000:.0f} ms; prefill fallbacks "
-          f"{failed['prefill_failed']}; RSS growth after request "
+          f"{failed['prefill_failed']}, decode retries {retried}; RSS growth after request "
           f"{WARM_AFTER} (workers, router): {', '.join(f'{g * 100:+.1f}%' for g in growth)}")
     assert all(g < 0.05 for g in growth), growth
 
