@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
+import threading
 import time
 import urllib.request
 
@@ -169,6 +171,44 @@ def test_bad_handoffs_recompute(prefill_server, decode_engine):
     assert tokens(outputs) == tokens(decode(decode_engine, prompts, [None] * 3))
 
 
+def test_silent_and_garbage_peers_fail_by_their_deadline_and_recompute(prefill_server, decode_engine):
+    """Injected timeouts and protocol errors inside a running engine: a side channel that
+    accepts and never answers, and one that answers garbage. Neither may hang the decode."""
+    prompts = [f"Peer fault {i}: " + "the grant never comes back from this peer " * 30 for i in range(2)]
+    good = [prefill(prefill_server, p) for p in prompts]
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes the connect; no reply
+    garbage = socket.create_server(("127.0.0.1", 0))
+
+    def answer_garbage() -> None:
+        while True:
+            try:
+                peer, _ = garbage.accept()
+            except OSError:
+                return
+            with peer:
+                peer.recv(65536)
+                peer.sendall(b"\xff" * 64)
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        params = []
+        for handoff, server in zip(good, (silent, garbage)):
+            redirected = json.loads(json.dumps(handoff))
+            redirected["kvbm"]["source"] = "127.0.0.1:%d" % server.getsockname()[1]
+            params.append(redirected)
+        decode(decode_engine, ["warm-up"], [None])  # the engine's remote stats exist after a step
+        before = remote_stats(decode_engine)["pulls"]
+        outputs = decode(decode_engine, prompts, params)
+        after = remote_stats(decode_engine)["pulls"]
+    finally:
+        silent.close()
+        garbage.close()
+    assert after["jobs_failed"] == before["jobs_failed"] + 2
+    failures = {k: after["failures"].get(k, 0) - before["failures"].get(k, 0) for k in after["failures"]}
+    assert sum(failures.values()) == 2 and set(failures) <= {"unreachable", "deadline"}, failures
+    assert tokens(outputs) == tokens(decode(decode_engine, prompts, [None] * 2))
+
+
 def test_dead_prefill_means_recompute(prefill_server, decode_engine):
     prompt = "A prompt this decode worker never saw: " + "the prefill dies after answering " * 30
     params = prefill(prefill_server, prompt)
@@ -177,3 +217,4 @@ def test_dead_prefill_means_recompute(prefill_server, decode_engine):
     outputs = decode(decode_engine, [prompt], [params])
     assert remote_stats(decode_engine)["pulls"]["jobs_failed"] == before + 1
     assert tokens(outputs) == tokens(decode(decode_engine, [prompt], [None]))
+
