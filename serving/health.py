@@ -43,6 +43,15 @@ class ProbeVerdicts:
         self._slow_to_eject = slow_to_eject
         self._slow: dict[str, int] = {}  # worker id -> late answers in a row
 
+    def process_ended(self, worker: Worker) -> bool:
+        """Whether ``worker`` was launched and its process has ended: it is then FAILED with
+        its exit status (and reaped, so no zombie waits for serve to exit)."""
+        code = worker.process.exit_code() if worker.process is not None else None
+        if code is None:
+            return False
+        self._pool.ended(worker, f"its process exited with status {code}")
+        return True
+
     def apply(self, worker: Worker, health: Health) -> None:
         slow = self._slow.get(worker.id, 0) + 1 if health is Health.SLOW else 0
         self._slow[worker.id] = slow

@@ -9,6 +9,9 @@ So :meth:`~kvbm.serving.server_process.VLLMServer.spawn` names its own pid in
 workers) a thread polls the process's parent; once it is gone the process gets SIGTERM (vLLM's
 clean shutdown) and, if it still runs after :data:`GRACE_S`, its process group gets SIGKILL.
 Each level needs its own watch: vLLM's engine core outlives an API server killed by SIGKILL.
+A server whose starter died before the plugin ran (serve stopped while the server was still
+importing vLLM) is an orphan from the start: :data:`ENV` carries the starter's start time
+with its pid, so the watch can tell "my starter is gone" from "I am not below that pid".
 
 Linux's ``PR_SET_PDEATHSIG`` is no substitute: it fires when the spawning *thread* exits,
 and the router launches workers from its request threads.
@@ -29,14 +32,26 @@ GRACE_S = 30.0
 _watching = False  # per process: vLLM may run its plugins more than once
 
 
+def starter_value() -> str:
+    """What a starter puts in :data:`ENV` for its children: its pid and start time."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
 def watch(environ: Mapping[str, str] = os.environ) -> bool:
-    """Starts the watch in a process below the pid :data:`ENV` names; True when it started now."""
+    """Starts the watch in a process below the starter :data:`ENV` names, or ends this
+    process when that starter is already gone; True when it started now."""
     global _watching
-    raw = environ.get(ENV, "")
-    if _watching or not raw.isdigit() or int(raw) not in _ancestors():
+    pid, _, started = environ.get(ENV, "").partition(":")
+    if _watching or not pid.isdigit():
         return False
+    if int(pid) in _ancestors():
+        parent = os.getppid()
+    elif started.isdigit() and _start_time(int(pid)) != int(started):
+        parent = None  # the starter died (or its pid now names another process): exit now
+    else:
+        return False  # the starter runs, and this process is not below it
     _watching = True
-    threading.Thread(target=_exit_after, args=(os.getppid(),), name="kvbm-parent-watch", daemon=True).start()
+    threading.Thread(target=_exit_after, args=(parent,), name="kvbm-parent-watch", daemon=True).start()
     return True
 
 
@@ -54,8 +69,18 @@ def _ancestors() -> set[int]:
     return found
 
 
-def _exit_after(parent: int) -> None:
-    while os.getppid() == parent:  # an orphan is re-parented: its parent pid changes
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot; /proc/<pid>/stat field 22), None when
+    it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _exit_after(parent: int | None) -> None:
+    while parent is not None and os.getppid() == parent:  # an orphan is re-parented: its parent pid changes
         time.sleep(POLL_S)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(GRACE_S)

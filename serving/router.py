@@ -142,7 +142,8 @@ class Router:
         verdicts = ProbeVerdicts(self.pool)
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            workers = [w for w in self.pool.all() if w.state in PROBED_STATES]
+            workers = [w for w in self.pool.all()
+                       if w.state in PROBED_STATES and not verdicts.process_ended(w)]
             answers = await asyncio.gather(*(check_health(client, w, timeout) for w in workers))
             for worker, health in zip(workers, answers):
                 verdicts.apply(worker, health)

@@ -90,6 +90,9 @@ class WorkerServer:
     def poll_start(self) -> bool:
         return self.server.poll_start()
 
+    def exit_code(self) -> int | None:
+        return self.server.exit_code()
+
     def stop(self) -> None:
         self.server.stop()
 
@@ -228,26 +231,27 @@ class ServeStack:
         assert self._server is not None, "the stack is not started"
         return self._server.url
 
-    def start(self, interrupted: threading.Event | None = None) -> "ServeStack":
+    def start(self, interrupted: Interrupted | None = None) -> "ServeStack":
         """Starts the workers, waits for them, then serves the router in a background thread.
 
         Args:
-            interrupted: set by a signal handler (see :func:`signals_interrupt`); the wait for
-                workers checks it, so an interrupt is not lost when its KeyboardInterrupt was
-                raised inside a finalizer, where Python prints and drops it.
+            interrupted: set by a signal handler (see :func:`signals_interrupt`); start runs
+                with its KeyboardInterrupt deferred and checks it while waiting for workers.
 
         Raises:
             ServerStartError: a worker did not come up (everything is stopped first).
             OSError: the router's address cannot be bound.
             KeyboardInterrupt: ``interrupted`` was set (everything is stopped first).
         """
+        interrupted = interrupted or Interrupted()
         try:
-            self._server = RouterServer(self.router)
-            workers = [self.router.launch_worker(role) for role in self.options.roles()]
-            self._wait_started(workers, interrupted or threading.Event())
-            self._index_thread = threading.Thread(target=self._follow_index, name="kvbm-kv-index", daemon=True)
-            self._index_thread.start()
-            self._server.start()
+            with interrupted.deferred():
+                self._server = RouterServer(self.router)
+                workers = [self.router.launch_worker(role) for role in self.options.roles()]
+                self._wait_started(workers, interrupted)
+                self._index_thread = threading.Thread(target=self._follow_index, name="kvbm-kv-index", daemon=True)
+                self._index_thread.start()
+                self._server.start()
         except BaseException:
             self.stop()
             raise
@@ -293,22 +297,45 @@ class ServeStack:
         self.stop()
 
 
+class Interrupted(threading.Event):
+    """Set by SIGINT/SIGTERM under :func:`signals_interrupt`, which also raises
+    KeyboardInterrupt, except inside :meth:`deferred` (there only the Event is set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raising = True
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """No KeyboardInterrupt in this block: code in it checks the Event instead. A
+        KeyboardInterrupt between a worker's fork and the line recording its pid would leave
+        that worker unknown to ``stop`` (CI once found such a server alive after serve stopped)."""
+        raising, self.raising = self.raising, False
+        try:
+            yield
+        finally:
+            self.raising = raising
+        if self.is_set():
+            raise KeyboardInterrupt
+
+
 @contextmanager
-def signals_interrupt() -> Iterator[threading.Event]:
+def signals_interrupt() -> Iterator[Interrupted]:
     """SIGINT and SIGTERM raise KeyboardInterrupt once; later ones are ignored, so a second
     Ctrl-C cannot cut the shut-down short and leave workers behind.
 
-    Yields an Event the handler sets first. Python drops an exception raised while it runs a
-    finalizer or weakref callback ("Exception ignored in ..."), and a signal handler can run
-    there: waits must check the Event, not rely on the KeyboardInterrupt alone (CI once saw
-    serve ignore its SIGTERM this way and start up fully)."""
-    interrupted = threading.Event()
+    Yields the :class:`Interrupted` Event the handler sets first. Python drops an exception
+    raised while it runs a finalizer or weakref callback ("Exception ignored in ..."), and a
+    signal handler can run there: waits must check the Event, not rely on the
+    KeyboardInterrupt alone (CI once saw serve ignore its SIGTERM this way and start up fully)."""
+    interrupted = Interrupted()
 
     def interrupt(signum: int, frame: object) -> None:
         for name in (signal.SIGINT, signal.SIGTERM):
             signal.signal(name, signal.SIG_IGN)
         interrupted.set()
-        raise KeyboardInterrupt
+        if interrupted.raising:
+            raise KeyboardInterrupt
 
     previous = {name: signal.signal(name, interrupt) for name in (signal.SIGINT, signal.SIGTERM)}
     try:

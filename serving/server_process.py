@@ -83,7 +83,7 @@ class VLLMServer:
 
     def spawn(self, timeout_s: float = 300.0) -> "VLLMServer":
         """Starts the process and returns at once; :meth:`poll_start` says when it is up."""
-        env = {**os.environ, **vllm_env(), **self._extra_env, parent_watch.ENV: str(os.getpid())}
+        env = {**os.environ, **vllm_env(), **self._extra_env, parent_watch.ENV: parent_watch.starter_value()}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             # A session of its own, so stop() can signal the server and any children it forks.
@@ -118,6 +118,11 @@ class VLLMServer:
                 f"{self.name} on port {self.port} not healthy after {self._timeout_s:.0f} s; "
                 f"log {self.log_path}:\n{self.log_tail()}")
         return False
+
+    def exit_code(self) -> int | None:
+        """The server process's exit status once it has ended (reaping it), else None; None
+        also before ``spawn`` and after ``stop``."""
+        return None if self._process is None else self._process.poll()
 
     def healthy(self) -> bool:
         try:

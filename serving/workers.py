@@ -47,7 +47,7 @@ class WorkerState(enum.Enum):
     DRAINING = "draining"  # no new requests; in-flight ones finish
     DRAINED = "drained"    # nothing in flight; may be removed
     STOPPED = "stopped"    # drained, and its launched process stopped
-    FAILED = "failed"      # its launch did not come up (see Worker.error)
+    FAILED = "failed"      # its launch did not come up, or its process ended (Worker.error)
 
 
 GONE = frozenset({WorkerState.STOPPED, WorkerState.FAILED})
@@ -69,6 +69,9 @@ class WorkerProcess(Protocol):
 
     def stop(self) -> None:
         """Stops it and everything it started; idempotent, may block for seconds."""
+
+    def exit_code(self) -> int | None:
+        """Its exit status once its process has ended (and is reaped), else None."""
 
 
 # (role, worker id) -> a spawned process; must return without waiting for it to be healthy.
@@ -206,6 +209,13 @@ class WorkerPool:
         """A launched worker did not come up (its launcher stopped it); no-op unless STARTING."""
         if worker.state is WorkerState.STARTING:
             worker.state, worker.healthy, worker.error = WorkerState.FAILED, False, reason
+
+    def ended(self, worker: Worker, reason: str) -> None:
+        """A running launched worker's process ended on its own: FAILED with ``reason``."""
+        if worker.state in (WorkerState.ACTIVE, WorkerState.DRAINING):
+            logger.warning("worker %s (%s) failed: %s", worker.id, worker.url, reason)
+            worker.state, worker.healthy, worker.error = WorkerState.FAILED, False, reason
+            worker.failures += 1
 
     def stopped(self, worker: Worker) -> None:
         """A drained worker's process was stopped."""

@@ -311,6 +311,7 @@ class FakeProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.stats_url = f"http://127.0.0.1:{port + 1}"
         self.polls, self.fail, self.stopped = polls, fail, False
+        self.code: int | None = None
 
     def poll_start(self) -> bool:
         if self.fail:
@@ -321,6 +322,9 @@ class FakeProcess:
 
     def stop(self) -> None:
         self.stopped = True
+
+    def exit_code(self) -> int | None:
+        return self.code
 
 
 class FakeLauncher:
@@ -514,3 +518,19 @@ def test_late_probes_take_a_worker_out_only_in_a_row_and_a_refusal_at_once():
     verdicts.apply(dead, Health.DOWN)
     assert not dead.healthy
     assert [w.id for w in pool.candidates((WorkerRole.DECODE,))] == [busy.id]
+
+
+def test_a_launched_worker_whose_process_ended_is_failed_with_its_status():
+    pool = WorkerPool()
+    launcher = FakeLauncher()
+    worker = pool.launch(WorkerRole.DECODE, launcher)
+    pool.started(worker)
+    added = pool.add(WorkerRole.DECODE, "http://127.0.0.1:9700")  # not launched: nothing to poll
+    verdicts = ProbeVerdicts(pool)
+    assert not verdicts.process_ended(worker) and not verdicts.process_ended(added)
+    launcher.launched[worker.id].code = -9
+    assert verdicts.process_ended(worker)
+    assert (worker.state, worker.healthy, worker.error) == (
+        WorkerState.FAILED, False, "its process exited with status -9")
+    assert pool.candidates([WorkerRole.DECODE]) == [added]
+    pool.remove(worker.id)  # a failed worker can be forgotten

@@ -79,6 +79,19 @@ def test_an_interrupt_dropped_inside_a_finalizer_still_stops_the_start():
             ServeStack._wait_started(None, [never_starts], interrupted)
 
 
+def test_an_interrupt_during_start_waits_for_the_deferred_block_to_end():
+    """No KeyboardInterrupt between a worker's fork and the line that records its pid."""
+    with signals_interrupt() as interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupted.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100_000):  # the handler runs at a bytecode boundary in here
+                    pass
+                assert interrupted.is_set()
+                reached_the_end = True
+        assert reached_the_end
+
+
 def test_options_roles_and_validation(tmp_path):
     engine = EngineSettings(model=tmp_path)
     router = RouterConfig(model_name=MODEL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,8 @@ STARTER = textwrap.dedent(
     print(os.getpid(), child.pid, flush=True)
     time.sleep(600)
     '''
-    env = {**os.environ, "KVBM_EXIT_WITH_PID": str(os.getpid())}
+    from kvbm.serving import parent_watch
+    env = {**os.environ, "KVBM_EXIT_WITH_PID": parent_watch.starter_value()}
     server = subprocess.Popen([sys.executable, "-c", code.replace("\\n    ", "\\n")], env=env,
                               start_new_session=True, stdout=subprocess.PIPE, text=True)
     print(server.stdout.readline().strip(), flush=True)
@@ -60,3 +62,16 @@ def test_watch_runs_only_in_the_process_the_environment_names():
     assert not parent_watch.watch({})
     assert not parent_watch.watch({parent_watch.ENV: "not-a-pid"})
     assert not parent_watch.watch({parent_watch.ENV: str(os.getpid())})  # we are not our own child
+    assert not parent_watch.watch({parent_watch.ENV: parent_watch.starter_value()})
+
+
+def test_a_server_whose_starter_died_before_its_watch_began_exits():
+    """serve stopped while a server was still importing vLLM: the server is an orphan from the
+    start (CI once found one alive, parent pid 1, long after serve had stopped)."""
+    starter = subprocess.run([sys.executable, "-c", "from kvbm.serving import parent_watch; "
+                              "print(parent_watch.starter_value())"], capture_output=True, text=True, check=True)
+    code = ("import time; from kvbm.serving import parent_watch; parent_watch.GRACE_S = 0.5; "
+            "assert parent_watch.watch(); time.sleep(600)")
+    orphan = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                              env={**os.environ, parent_watch.ENV: starter.stdout.strip()})
+    assert orphan.wait(timeout=120) == -signal.SIGTERM

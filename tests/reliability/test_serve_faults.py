@@ -317,9 +317,11 @@ def test_decode_worker_killed_mid_stream_requests_finish_or_fail_cleanly_then_a_
     assert len(clean) + len(finished) == len(bodies), outcomes
     wait_for(lambda: gone(tree), "the killed worker's processes to exit")
     print(f"\ndecode killed after 4 of {len(bodies)} requests: {len(finished)} finished, {len(clean)} failed cleanly")
-    stats = served.stats()
-    dead = next(w for w in stats["workers"] if w["id"] == decode["id"])
-    assert not dead["healthy"]
+    def dead() -> dict:
+        return next(w for w in served.stats()["workers"] if w["id"] == decode["id"])
+
+    wait_for(lambda: dead()["state"] == "failed", "the router to mark the killed worker failed")
+    assert not dead()["healthy"] and dead()["error"] == "its process exited with status -9"
     launched = httpx.post(served.url + "/admin/workers", json={"role": "decode"}, timeout=30)
     assert launched.status_code == 202, launched.text
     wait_for(lambda: any(w["id"] == launched.json()["id"] for w in served.workers("decode")), "the new decode worker")
