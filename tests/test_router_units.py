@@ -486,11 +486,17 @@ def test_a_5xx_takes_a_worker_out_even_when_its_health_answers():
 
 # --- health --------------------------------------------------------------------------------
 
+def raises(error_type: type[httpx.HTTPError]):
+    def answer(request: httpx.Request) -> httpx.Response:
+        raise error_type("injected", request=request)
+    return answer
+
+
 @pytest.mark.parametrize("answer, expected", [
     (lambda request: httpx.Response(200), Health.UP),
     (lambda request: httpx.Response(503), Health.DOWN),
-    (lambda request: (_ for _ in ()).throw(httpx.ConnectError("refused", request=request)), Health.DOWN),
-    (lambda request: (_ for _ in ()).throw(httpx.ReadTimeout("late", request=request)), Health.SLOW),
+    (raises(httpx.ConnectError), Health.DOWN),
+    (raises(httpx.ReadTimeout), Health.SLOW),
 ])
 def test_a_health_check_tells_late_from_down(answer, expected):
     worker = make_pool(WorkerRole.DECODE).all()[0]

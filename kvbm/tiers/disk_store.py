@@ -29,7 +29,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -369,9 +369,9 @@ class DiskSlotStore(SlotStore):
         ok = np.zeros(len(ids), dtype=bool)
         ok[:start] = True
         for j in range(start, len(ids)):
-            done, err = run(fd, offset + j * self._stride, rows, ids[j : j + 1], zero_copy)
+            done, _ = run(fd, offset + j * self._stride, rows, ids[j : j + 1], zero_copy)
             ok[j] = done == 1
-        return ok, error
+        return ok, None if ok.all() else error  # a transient error that the retries got past
 
     def _iovecs(self, rows: np.ndarray, ids: list[int]) -> list[np.ndarray]:
         if self._stride == self._block_bytes:
