@@ -10,7 +10,7 @@ bytes moved, best of several interleaved runs:
   measured on the one-layer arrays, so rows with more layers compare against the same floor.
 - offload: ``HostStoreHandler.run`` = batched gather + xxh3_64 checksum of every slot.
 - offload copy: the gather alone (``gather_blocks``), without checksums.
-- onboard: ``HostLoadHandler.run`` without verification (``verify_g2_reads`` off, the default).
+- onboard: ``HostLoadHandler.run`` without verification (``verify_g2_reads`` off; on by default).
 - onboard+verify: with verification of every slot against its checksum.
 
 Goal: offload and onboard at least 80% of the floor. The CPU path runs no torch op, so torch's

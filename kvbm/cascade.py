@@ -24,7 +24,9 @@ Onboarding from G3 to a G1 on a GPU goes through G2 in two jobs, submitted in th
 G3 -> G2 (promote: G2 slots reserved, G3 leased, bytes verified into G2) and G2 -> G1 (its
 ``expected_checksums`` are G3's, so a block the first hop failed to deliver is caught again and
 never reaches the engine). When the promotion completes, its good blocks are committed in G2
-and leased for the second hop, which releases them.
+and leased for the second hop, which releases them. The manager counts a promotion's failed
+blocks as failed reads of G3, and the second hop's as failed reads of G2 only for blocks the
+promotion delivered.
 """
 
 from __future__ import annotations
@@ -230,3 +232,11 @@ class G3Cascade:
             hop.leased = ()
         promoted = hop.promoted or frozenset()
         return [pending.hashes[i] for i in corrupt.tolist() if pending.hashes[i] in promoted]
+
+    def promoted(self, pending: Pending) -> np.ndarray:
+        """Per block of a G2 -> G1 hop, whether its promotion brought it into G2 (a failure of
+        one that did not is the promotion's: G3's read, counted when it completed)."""
+        hop = pending.hop
+        assert hop is not None
+        delivered = hop.promoted or frozenset()
+        return np.fromiter((h in delivered for h in pending.hashes), dtype=bool, count=len(pending.hashes))

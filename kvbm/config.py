@@ -47,7 +47,7 @@ class KvbmConfig:
     g2_capacity_blocks: int | None = None
     offload_policy: OffloadPolicy = OffloadPolicy.WRITE_THROUGH
     offload_min_hits: int = 0
-    verify_g2_reads: bool = False
+    verify_g2_reads: bool = True
     transfer_thread: bool = True
     latency_window: int = 1024
     event_buffer: int = 65536

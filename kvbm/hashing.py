@@ -4,6 +4,10 @@ Contract:
     h[-1] = xxh3_128(canonical encoding of the LayoutFingerprint)
     h[i]  = xxh3_128(h[i-1] || int32-LE token bytes of block i || encoded BlockExtras of block i)
 
+The fingerprint encodes as the magic ``kvbm.layout`` and a NUL byte, then, per field in
+declaration order, its length-prefixed name and a tagged value: ``s`` + length-prefixed
+UTF-8, ``i`` + int64-LE, or ``n`` for an unset optional field. Lengths are uint32-LE.
+
 Only full blocks are hashed. The encoding is explicit bytes (no ``repr``, no pickle, no
 ``hash()``), so equal inputs give equal hashes in any process, on any host, whatever
 ``PYTHONHASHSEED`` is. Token ids are hashed as little-endian int32: any integer dtype is
@@ -24,17 +28,35 @@ from xxhash import xxh3_128_digest
 
 from kvbm.ids import BlockHash
 
-KVBM_FORMAT_VERSION = 1
-"""Bumped whenever the hashed encoding or the stored block format changes."""
+KVBM_FORMAT_VERSION = 2
+"""Bumped whenever the hashed encoding or the stored block format changes.
+
+2: the fingerprint gained weights, quantization, kv_cache_dtype, attention_backend and
+hf_overrides, and ``BlockExtras`` keys LoRA by adapter identity (a string), not vLLM's id.
+"""
 
 TOKEN_DTYPE = np.dtype("<i4")
 _INT32_MAX = (1 << 31) - 1
-_STR_FIELDS = frozenset({"model", "dtype", "layout_tag"})
+_STR_FIELDS = frozenset({"model", "dtype", "layout_tag", "kv_cache_dtype"})
+_OPTIONAL_STR_FIELDS = frozenset({"weights", "quantization", "attention_backend", "hf_overrides"})
 
 
 @dataclasses.dataclass(frozen=True)
 class LayoutFingerprint:
     """Everything that makes two engines' KV bytes for the same tokens differ.
+
+    Attributes:
+        model: the model's name or path (and revision).
+        dtype: the model's (activation) dtype.
+        layout_tag: the engine and its physical KV layout, e.g. ``vllm-cpu-LBNHC``.
+        weights: identity of the weights themselves (a digest of the checkpoint files, or a
+            pinned hub revision): a path names a place, and a place can hold another model
+            later. None: not identified (only ``model`` names it).
+        quantization: the weights' quantization method; None: not quantized.
+        kv_cache_dtype: the dtype the KV cache is stored in (``"auto"``: ``dtype``).
+        attention_backend: the attention backend the engine was told to use; None: its
+            automatic choice (which ``layout_tag``'s device and layout then determine).
+        hf_overrides: canonical text of the model-config overrides; None: none.
 
     Raises:
         ValueError: a field is empty, not positive, or ``tp_rank`` is outside ``tp_size``.
@@ -47,6 +69,11 @@ class LayoutFingerprint:
     num_kv_heads: int
     head_dim: int
     layout_tag: str
+    weights: str | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    attention_backend: str | None = None
+    hf_overrides: str | None = None
     tp_rank: int = 0
     tp_size: int = 1
     format_version: int = KVBM_FORMAT_VERSION
@@ -54,7 +81,10 @@ class LayoutFingerprint:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _STR_FIELDS:
+            if f.name in _OPTIONAL_STR_FIELDS:
+                if value is not None and (not isinstance(value, str) or not value):
+                    raise ValueError(f"LayoutFingerprint.{f.name} must be None or a non-empty str, got {value!r}")
+            elif f.name in _STR_FIELDS:
                 if not isinstance(value, str) or not value:
                     raise ValueError(f"LayoutFingerprint.{f.name} must be a non-empty str, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int):
@@ -71,7 +101,9 @@ class LayoutFingerprint:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             parts.append(_encode_str(f.name))
-            if isinstance(value, str):
+            if value is None:
+                parts.append(b"n")
+            elif isinstance(value, str):
                 parts.append(b"s" + _encode_str(value))
             else:
                 parts.append(b"i" + struct.pack("<q", value))
@@ -84,15 +116,25 @@ class LayoutFingerprint:
 
 @dataclasses.dataclass(frozen=True)
 class BlockExtras:
-    """Per-block inputs besides tokens that change the KV: LoRA adapter, images, cache salt."""
+    """Per-block inputs besides tokens that change the KV: LoRA adapter, images, cache salt.
 
-    lora_id: int | None = None
+    Attributes:
+        lora: the LoRA adapter's identity, the same in every process that serves it (never
+            vLLM's ``lora_int_id``, which each process assigns for itself); None: no adapter.
+        mm_hashes: identifiers of the multimodal items whose first placeholder is in the block.
+        cache_salt: the request's cache salt.
+
+    Raises:
+        ValueError: a field has the wrong type.
+    """
+
+    lora: str | None = None
     mm_hashes: tuple[str, ...] = ()
     cache_salt: str | None = None
 
     def __post_init__(self) -> None:
-        if self.lora_id is not None and (isinstance(self.lora_id, bool) or not isinstance(self.lora_id, int)):
-            raise ValueError(f"BlockExtras.lora_id must be an int or None, got {self.lora_id!r}")
+        if self.lora is not None and not isinstance(self.lora, str):
+            raise ValueError(f"BlockExtras.lora must be a str or None, got {self.lora!r}")
         if not isinstance(self.mm_hashes, tuple) or not all(isinstance(m, str) for m in self.mm_hashes):
             raise ValueError(f"BlockExtras.mm_hashes must be a tuple of str, got {self.mm_hashes!r}")
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
@@ -101,8 +143,8 @@ class BlockExtras:
     def encode(self) -> bytes:
         """Canonical bytes; empty extras encode to ``b""`` (same hash as no extras)."""
         parts = []
-        if self.lora_id is not None:
-            parts.append(b"L" + struct.pack("<q", self.lora_id))
+        if self.lora is not None:
+            parts.append(b"L" + _encode_str(self.lora))
         if self.mm_hashes:
             parts.append(b"M" + struct.pack("<I", len(self.mm_hashes)))
             parts.extend(_encode_str(m) for m in self.mm_hashes)

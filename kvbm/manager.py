@@ -15,7 +15,11 @@ Between planning and ``complete``: blocks being stored are reserved (never evict
 visible to lookup) and blocks being onboarded are leased (never evicted). The engine must keep
 a store job's source blocks and an onboard job's destination blocks untouched until the job's
 result arrives. A failed store is rolled back; a failed or corrupt onboard block is reported
-in the result (the engine recomputes it) and a corrupt block is discarded from its tier.
+in the result (the engine recomputes it) and a corrupt block is discarded from its tier. A
+block that fails to read (I/O error, not corrupt) stays, unless it failed its previous read
+too: then it is discarded (``dropped_after_read_errors``), else every lookup would offer it and
+every onboard fail it again. Read failures are remembered per tier and block hash across jobs
+(a good read forgets them; at most ``READ_FAILURE_MEMORY`` blocks per tier, oldest forgotten).
 Submit every list of jobs in its order (the transfer engine runs jobs in submission order).
 
 Integrity: a hash hit whose recorded tokens differ from the prompt's is a miss (counted as a
@@ -49,6 +53,7 @@ from kvbm.ids import JobId, Tier
 from kvbm.jobs import JobResult, TransferJob
 from kvbm.plans import BlockIds, OnboardPlan, PrefixMatch, block_ids, rows_equal
 from kvbm.policy import FrequencyFilter, OffloadPolicy
+from kvbm.read_failures import READS_BEFORE_DROP, ReadFailures
 from kvbm.stats import KvbmStats, LatencyWindow, TierCounters, TierStats
 from kvbm.tiers.base import TierIndex
 from kvbm.tiers.disk_index import DiskIndex
@@ -57,7 +62,6 @@ from kvbm.tiers.slot_index import SlotIndex
 logger = logging.getLogger(__name__)
 
 __all__ = ["BlockIds", "BlockManager", "OnboardPlan", "PrefixMatch"]
-
 
 class BlockManager:
     """Tracks blocks below the engine and plans their transfers (see the module docstring)."""
@@ -112,10 +116,12 @@ class BlockManager:
         self._verify = {Tier.G2: config.verify_g2_reads}
         self._g1_on_host = g1_on_host
         self._counters = {t.tier: TierCounters() for t in self._tiers}
+        self._read_failures = {t.tier: ReadFailures() for t in self._tiers}
         self._latency = {t.tier: LatencyWindow(config.latency_window) for t in self._tiers}
         self._pending: dict[JobId, Pending] = {}
         self._job_ids = job_ids or itertools.count(1).__next__
         self._failures = BurstLog(logger, "kvbm transfer failures")
+        self._drops = BurstLog(logger, "kvbm blocks dropped as unreadable")  # a dying disk drops many
         self._cascade: G3Cascade | None = None
         if self._g3 is not None:
             self._counters[Tier.G3].dropped_on_open = self._g3.dropped_on_open
@@ -287,6 +293,7 @@ class BlockManager:
             self._complete_offload(pending, result, ok)
         elif pending.kind is Kind.ONBOARD:
             self._complete_onboard(pending, ok, corrupt)
+            self._note_reads(pending, ok, corrupt)
         elif pending.kind is Kind.DEMOTE:
             assert self._cascade is not None
             self._cascade.complete_demote(pending, result, ok, corrupt)
@@ -295,6 +302,7 @@ class BlockManager:
             moved = self._cascade.complete_promote(pending, result, ok, corrupt)
             counters.blocks_onboarded += moved
             counters.bytes_onboarded += moved * self._block_bytes
+            self._note_reads(pending, ok, corrupt)  # the G3 -> G2 hop reads G3
 
     def take_jobs(self) -> list[TransferJob]:
         """Jobs the manager planned on its own since the last call: G2 -> G3 demotions, in
@@ -364,7 +372,7 @@ class BlockManager:
             self._cascade.committed_to_g2(good)
 
     def _complete_onboard(self, pending: Pending, ok: np.ndarray, corrupt: np.ndarray) -> None:
-        index = next(t for t in self._tiers if t.tier is pending.tier)
+        index = self._index(pending.tier)
         counters = self._counters[pending.tier]
         if pending.hop is None:
             index.complete_load(pending.hashes)
@@ -378,6 +386,24 @@ class BlockManager:
         good = int(ok.sum())
         counters.blocks_onboarded += good
         counters.bytes_onboarded += good * self._block_bytes
+
+    def _note_reads(self, pending: Pending, ok: np.ndarray, corrupt: np.ndarray) -> None:
+        """Count the read failures of a job reading ``pending.tier`` (its corrupt blocks are
+        discarded already) and discard the blocks that failed their previous read too: a
+        persistent I/O error would otherwise fail the same lookup again forever."""
+        failed = ~ok
+        failed[corrupt] = False
+        if pending.hop is not None and pending.kind is Kind.ONBOARD and failed.any():
+            assert self._cascade is not None
+            failed &= self._cascade.promoted(pending)  # the others never reached G2
+        unreadable = self._read_failures[pending.tier].record(pending.hashes, failed)
+        if unreadable:
+            dropped = self._index(pending.tier).discard(unreadable)
+            self._counters[pending.tier].dropped_after_read_errors += dropped
+            self._drops.report(dropped, f"{pending.tier.name}: {READS_BEFORE_DROP} failed reads in a row")
+
+    def _index(self, tier: Tier) -> TierIndex:
+        return next(t for t in self._tiers if t.tier is tier)
 
     def _new_job_id(self) -> JobId:
         return JobId(self._job_ids())

@@ -59,6 +59,7 @@ class TierCounters:
     checksum_mismatches: int = 0
     io_errors: int = 0
     dropped_on_open: int = 0
+    dropped_after_read_errors: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,9 @@ class TierStats:
     ``io_errors`` counts blocks that failed to move to or from the tier for another reason than
     a checksum mismatch (disk full, EIO, a failed job, an index write). ``dropped_on_open``
     counts index records a persistent tier dropped at startup because they could not name
-    intact bytes.
+    intact bytes. ``dropped_after_read_errors`` counts blocks dropped from the tier because
+    they failed to read twice with no good read between (a corrupt block is dropped at once
+    and counted in ``checksum_mismatches`` instead).
     """
 
     tier: Tier
@@ -97,6 +100,7 @@ class TierStats:
     latency_p99_s: float | None
     io_errors: int = 0
     dropped_on_open: int = 0
+    dropped_after_read_errors: int = 0
 
     @classmethod
     def snapshot(
@@ -200,6 +204,8 @@ _METRICS = (  # (name, type, help, TierStats field)
     ("checksum_mismatches_total", "counter", "Blocks that failed checksum verification.", "checksum_mismatches"),
     ("io_errors_total", "counter", "Blocks that failed to move for another reason (disk full, EIO, lost job).", "io_errors"),
     ("dropped_on_open_total", "counter", "Index records dropped at startup (damaged or foreign).", "dropped_on_open"),
+    ("dropped_after_read_errors_total", "counter", "Blocks dropped after failing to read twice in a row.",
+     "dropped_after_read_errors"),
 )
 
 

@@ -20,12 +20,23 @@ Contract (see DESIGN.md, "Disaggregated flow"):
        a final SSE ``error`` event (its status line is already sent).
     4. Every hop is bracketed by ``WorkerPool.acquire``/``release``, also on failure and on
        client disconnect, so drains see exact in-flight counts.
+    5. When the prefill handed off blocks (a kvbm ``Handoff`` in its ``kv_transfer_params``)
+       and no decode worker accepted the request (its final answer is not 2xx, every try
+       failed, none could take it, or the client went away first), the router sends the
+       prefill's side channel one ``release`` for it, from a thread, without waiting for the
+       answer: the prefill frees the blocks now instead of at the end of its hold. Retries on
+       another decode worker come first; the release follows the last one. A decode that
+       accepted the request pulls and releases the blocks itself. A failed release is only
+       counted and logged (the hold runs out anyway). :meth:`Forwarder.close` waits for the
+       releases still in flight.
 
 ``kv_transfer_params`` sent by a client are dropped: the router owns that field.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -34,6 +45,8 @@ from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from kvbm.connectors.vllm.handoff import Handoff
+from kvbm.remote import exchange
 from kvbm.serving.health import Health, check_health
 from kvbm.serving.router_stats import ErrorKind, Hop, RouterStats
 from kvbm.serving.router_validation import Endpoint, RequestError
@@ -49,6 +62,10 @@ HEALTH_CHECK_S = 2.0
 # A connection the worker closed or reset under the request: a keep-alive connection it timed
 # out just as the request went out, or a lost request. The worker may be fine.
 CONNECTION_LOST = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+RELEASE_TIMEOUT_S = 2.0  # one side-channel release; past it the prefill's hold runs out anyway
+# Releases have their own threads: a silent prefill side channel must not hold up the event
+# loop's default executor (worker start polls, process stops).
+RELEASE_THREADS = 2
 
 
 def no_prompt_hashes(body: dict) -> Sequence[Hashable]:
@@ -78,6 +95,8 @@ class Forwarder:
         self._prompt_hashes = prompt_hashes
         self._published = published
         self._clock = clock
+        self._releases: set[asyncio.Future] = set()
+        self._release_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def forward(self, endpoint: Endpoint, body: dict, received_at: float) -> Response:
         """Answers one validated request (see the module contract).
@@ -94,7 +113,48 @@ class Forwarder:
             prefill = choose_prefill(prefill_candidates, hashes, self._published)
             body = await self._prefill(prefill, endpoint, body)
             hop = Hop.DECODE
-        return await self._final(endpoint, body, received_at, hop)
+        handoff = Handoff.from_params(body.get("kv_transfer_params"))
+        accepted = False
+        try:
+            response = await self._final(endpoint, body, received_at, hop)
+            accepted = 200 <= response.status_code < 300
+            return response
+        finally:  # also on RequestError and on cancellation (the client went away)
+            if handoff is not None and not accepted:
+                self._release(handoff)
+
+    async def close(self) -> None:
+        """Waits for the releases still in flight (each ends within its timeout), then stops
+        their threads. Call it from the event loop, once no request is being forwarded."""
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        if self._release_pool is not None:
+            self._release_pool.shutdown(wait=False)
+            self._release_pool = None
+
+    def _release(self, handoff: Handoff) -> None:
+        """Sends the prefill worker the ``release`` of ``handoff`` from a thread; the answer
+        is counted when it comes."""
+        if self._release_pool is None:
+            self._release_pool = concurrent.futures.ThreadPoolExecutor(
+                RELEASE_THREADS, thread_name_prefix="kvbm-router-release")
+        future = asyncio.get_running_loop().run_in_executor(
+            self._release_pool, exchange.request_release, handoff.source, (handoff.last_hash,),
+            RELEASE_TIMEOUT_S)
+        self._releases.add(future)
+        future.add_done_callback(lambda done: self._released(handoff, done))
+
+    def _released(self, handoff: Handoff, done: asyncio.Future) -> None:
+        self._releases.discard(done)
+        if done.cancelled():
+            return  # the loop is shutting down; the thread still sends it
+        error = done.exception()
+        if error is None:
+            self._stats.handoffs_released += 1
+            return
+        self._stats.handoff_release_failures += 1
+        logger.warning("could not release the handoff held by %s (%s: %s); it is freed when its hold "
+                       "runs out", handoff.source, type(error).__name__, error)
 
     async def _prefill(self, worker: Worker, endpoint: Endpoint, body: dict) -> dict:
         """First hop; returns the body for the decode hop."""

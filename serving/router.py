@@ -129,6 +129,7 @@ class Router:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self._forwarder.close()  # the handoff releases still in flight
 
     def _spawn(self, coroutine) -> asyncio.Task:
         """A background task the router keeps (and cancels at shut-down)."""

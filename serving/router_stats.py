@@ -64,6 +64,9 @@ class RouterStats:
         self.succeeded = 0
         self.retries = 0
         self.disaggregated = 0
+        # Prefill holds the router ended because no decode worker accepted the request.
+        self.handoffs_released = 0
+        self.handoff_release_failures = 0  # the prefill's side channel did not answer the release
         self.errors: collections.Counter[ErrorKind] = collections.Counter()
         self.routed: collections.Counter[tuple[str, Hop]] = collections.Counter()
         self._ttft: collections.deque[float] = collections.deque(maxlen=window)
@@ -98,6 +101,8 @@ class RouterStats:
             "succeeded": self.succeeded,
             "disaggregated": self.disaggregated,
             "retries": self.retries,
+            "handoffs_released": self.handoffs_released,
+            "handoff_release_failures": self.handoff_release_failures,
             "errors": {kind.value: self.errors[kind] for kind in ErrorKind},
             "prefill_failures": self.errors[ErrorKind.PREFILL_FAILED],
             "transfer_failures": self.errors[ErrorKind.KV_PARAMS_MISSING],
@@ -121,6 +126,10 @@ class RouterStats:
             f"kvbm_router_disaggregated_total {self.disaggregated}",
             "# TYPE kvbm_router_retries_total counter",
             f"kvbm_router_retries_total {self.retries}",
+            "# TYPE kvbm_router_handoffs_released_total counter",
+            f"kvbm_router_handoffs_released_total {self.handoffs_released}",
+            "# TYPE kvbm_router_handoff_release_failures_total counter",
+            f"kvbm_router_handoff_release_failures_total {self.handoff_release_failures}",
             "# TYPE kvbm_router_errors_total counter",
         ]
         lines += [f'kvbm_router_errors_total{{kind="{k.value}"}} {self.errors[k]}' for k in ErrorKind]

@@ -52,6 +52,8 @@ class EngineSettings:
             results that do not depend on batch shape.
         chat_template: a Jinja chat template file for OpenAI servers (the embedded model
             has none, so ``/v1/chat/completions`` needs one); None: the model's own.
+        enable_prompt_embeds: accept prompts given as embeddings (vLLM's setting of that
+            name; kvbm's connector refuses it).
     """
 
     model: Path
@@ -63,6 +65,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     dtype: str = "bfloat16"
     chat_template: Path | None = None
+    enable_prompt_embeds: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 32:
@@ -81,6 +84,8 @@ class EngineSettings:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
         if self.kv_transfer_config is not None:
             kwargs["kv_transfer_config"] = self.kv_transfer_config
+        if self.enable_prompt_embeds:
+            kwargs["enable_prompt_embeds"] = True
         return kwargs
 
     def server_command(self, host: str, port: int, served_name: str | None = None) -> list[str]:
@@ -103,4 +108,6 @@ class EngineSettings:
             argv += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
         if self.chat_template is not None:
             argv += ["--chat-template", str(self.chat_template)]
+        if self.enable_prompt_embeds:
+            argv.append("--enable-prompt-embeds")
         return argv

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,3 +80,35 @@ def greedy(max_tokens: int = 24):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.fixture
+def gated_loads(monkeypatch):
+    """G2 -> G1 copies wait until the returned event is set (aborts land while they run)."""
+    from kvbm.host_copy import HostLoadHandler
+
+    gate = threading.Event()
+    run = HostLoadHandler.run
+
+    def gated(self, job):
+        assert gate.wait(120), "the test never opened the gate"
+        return run(self, job)
+
+    monkeypatch.setattr(HostLoadHandler, "run", gated)
+    yield gate
+    gate.set()
+
+
+def step_until(llm, done, limit_s: float = 120.0) -> list:
+    """Step an in-process engine until ``done(finished outputs so far)``; returns them.
+    The limit is a safety net against hangs, not a speed assertion."""
+    import time
+
+    finished: list = []
+    end = time.monotonic() + limit_s
+    while not done(finished):
+        if time.monotonic() > end:
+            raise AssertionError(f"not done after {limit_s} s of engine steps")
+        finished += [out for out in llm.llm_engine.step() if out.finished]
+        time.sleep(0.002)
+    return finished

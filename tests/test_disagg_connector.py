@@ -218,3 +218,51 @@ def test_dead_prefill_means_recompute(prefill_server, decode_engine):
     assert remote_stats(decode_engine)["pulls"]["jobs_failed"] == before + 1
     assert tokens(outputs) == tokens(decode(decode_engine, [prompt], [None]))
 
+
+
+def test_an_abort_mid_pull_keeps_the_blocks_until_the_pull_ends(make_engine, tiny_model, gated_loads):
+    """A decode request with a partial local (G2) hit and a pull from a silent prefill is
+    aborted while both run: vLLM may free its blocks only once neither can write them."""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvbm.connectors.vllm.engine_layout import layout_fingerprint
+    from kvbm.connectors.vllm.handoff import Handoff
+    from kvbm.hashing import BlockHasher
+    from conftest import step_until
+
+    config = connector("decode-abort", pull_deadline_s=3.0)
+    config["kv_connector_extra_config"]["async_load_min_blocks"] = 1
+    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, num_gpu_blocks_override=80,
+                                     **SETTINGS))
+    ids = llm.get_tokenizer()("Abort mid-pull: " + "the decode gives up while NIXL writes " * 60)["input_ids"]
+    assert len(ids) > 17 * BLOCK
+    gated_loads.set()
+    llm.generate([TokensPrompt(prompt_token_ids=ids[: 8 * BLOCK + 5])], greedy(1))  # blocks 0-7 reach G2
+    llm.generate([f"Filler {i} " + "xyzzy plugh " * 150 for i in range(2)], greedy(1))  # and leave G1
+    hashes = BlockHasher(layout_fingerprint(llm.llm_engine.vllm_config)).hash_prompt(
+        np.asarray(ids[: 16 * BLOCK], dtype=np.int32)).hashes
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the pull hangs
+    params = Handoff("127.0.0.1:%d" % silent.getsockname()[1], 16, hashes[15]).to_params()
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    try:
+        gated_loads.clear()
+        aborted = llm.llm_engine.add_request("aborted", TokensPrompt(prompt_token_ids=ids[: 16 * BLOCK + 10]),
+                                   SamplingParams(temperature=0.0, max_tokens=8,
+                                                  extra_args={"kv_transfer_params": params}))
+        for _ in range(3):
+            llm.llm_engine.step()
+        assert scheduler.requests[aborted].status.name == "WAITING_FOR_REMOTE_KVS"
+        llm.llm_engine.abort_request(["aborted"])
+        gated_loads.set()  # the local part of the load ends now; the pull runs to its deadline
+        step_until(llm, lambda _: remote_stats(llm)["pulls"]["in_flight"] == 0
+                   or aborted not in scheduler.requests)
+        assert remote_stats(llm)["pulls"]["in_flight"] == 0, "freed while its pull could still write"
+        step_until(llm, lambda _: aborted not in scheduler.requests)
+    finally:
+        silent.close()
+    assert remote_stats(llm)["pulls"]["jobs_failed"] == 1 and remote_stats(llm)["pulls"]["blocks_failed"] == 8
+    # Later requests on the same prompt are right: recomputed and cached paths agree.
+    again = [TokensPrompt(prompt_token_ids=ids)]
+    assert tokens(llm.generate(again, greedy())) == tokens(llm.generate(again, greedy()))

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.responses import StreamingResponse
 from starlette.testclient import TestClient
 
+from kvbm.connectors.vllm.handoff import Handoff
+from kvbm.ids import BlockHash
+from kvbm.remote import exchange
+from kvbm.remote.sidechannel import SideChannelServer
 from kvbm.serving.health import Health, ProbeVerdicts, check_health
 from kvbm.serving.router import Router
 from kvbm.serving.router_config import RouterConfig
@@ -426,13 +433,16 @@ def forward_once(answer, *roles: WorkerRole, stream: bool = False):
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            forwarder = Forwarder(pool, stats, client)
             try:
-                response = await Forwarder(pool, stats, client).forward(Endpoint.COMPLETIONS, body, time.monotonic())
+                response = await forwarder.forward(Endpoint.COMPLETIONS, body, time.monotonic())
+                if isinstance(response, StreamingResponse):  # consume it so the worker is released
+                    response.body = b"".join([chunk async for chunk in response.body_iterator])
+                return response
             except RequestError as error:
                 return error
-            if stream:  # consume the stream so the worker is released
-                response.body = b"".join([chunk async for chunk in response.body_iterator])
-            return response
+            finally:
+                await forwarder.close()  # the handoff releases it sent have been answered
 
     return asyncio.run(run()), pool, stats
 
@@ -482,6 +492,159 @@ def test_a_5xx_takes_a_worker_out_even_when_its_health_answers():
     reply, pool, _ = forward_once(answer, WorkerRole.DECODE, WorkerRole.DECODE)
     assert reply.status_code == 200
     assert [w.healthy for w in pool.all()] == [False, True]
+
+
+# --- handoffs no decode took ---------------------------------------------------------------
+
+LAST_HASH = BlockHash(bytes(range(16)))
+
+
+class FakePrefillSideChannel:
+    """A real side channel that only answers ``release``; ``log`` sees releases in order."""
+
+    def __init__(self, log: list) -> None:
+        self._log, self._lock = log, threading.Lock()
+        handlers = exchange.server_handlers(self._unused, self._unused, self._unused, self._release)
+        self.server = SideChannelServer("127.0.0.1", 0, handlers, timeout_s=5.0)
+
+    @property
+    def releases(self) -> list[tuple[BlockHash, ...]]:
+        with self._lock:
+            return [entry[1] for entry in self._log if entry[0] == "release"]
+
+    def _release(self, hashes: tuple[BlockHash, ...]) -> int:
+        with self._lock:
+            self._log.append(("release", hashes))
+        return 1
+
+    def _unused(self, *args):
+        raise ValueError("this fake answers only release")
+
+
+@pytest.fixture
+def log() -> list:
+    """What the fake decode workers and the fake prefill's side channel saw, in order."""
+    return []
+
+
+@pytest.fixture
+def side_channel(log):
+    channel = FakePrefillSideChannel(log)
+    yield channel
+    channel.server.close()
+
+
+def disaggregated_answer(source: str, decode_answers: dict[int, httpx.Response | None], log: list):
+    """The prefill (port 9000) hands off two blocks held at ``source``; a decode worker on
+    port P answers ``decode_answers[P]`` (None: the connection is refused)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        port = request.url.port
+        if port == 9000:
+            params = Handoff(source, 2, LAST_HASH).to_params()
+            return httpx.Response(200, json={"choices": [{"text": "a"}], "kv_transfer_params": params})
+        if request.url.path == "/health":
+            return httpx.Response(200, json={})
+        sent = json.loads(request.content)["kv_transfer_params"]["kvbm"]
+        log.append(("decode", port, sent["last_hash"]))
+        reply = decode_answers[port]
+        if reply is None:
+            raise httpx.ConnectError("refused", request=request)
+        return reply
+
+    return answer
+
+
+def vllm_error(status: int, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"message": message, "type": "BadRequestError",
+                                                  "param": None, "code": status}})
+
+
+def ok_answer(stream: bool) -> httpx.Response:
+    if stream:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              stream=httpx.ByteStream(b"data: decoded\n\n"))
+    return httpx.Response(200, json={"choices": [{"text": "decoded"}]})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_decode_refusal_releases_the_prefill_handoff_once(stream, side_channel, log):
+    too_long = "This model's maximum context length is 64 tokens; your prompt has 80"
+    answer = disaggregated_answer(side_channel.server.address, {9001: vllm_error(400, too_long)}, log)
+    reply, pool, stats = forward_once(answer, WorkerRole.PREFILL, WorkerRole.DECODE, stream=stream)
+    assert reply.status_code == 400
+    assert json.loads(reply.body)["error"]["message"] == too_long
+    assert log == [("decode", 9001, LAST_HASH.hex()), ("release", (LAST_HASH,))]
+    assert (stats.handoffs_released, stats.handoff_release_failures) == (1, 0)
+    assert stats.as_json(pool.all())["handoffs_released"] == 1
+    assert "kvbm_router_handoffs_released_total 1\n" in stats.prometheus(pool.all())
+    assert stats.errors[ErrorKind.UPSTREAM_4XX] == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_decode_that_accepts_pulls_and_releases_itself(stream, side_channel, log):
+    answer = disaggregated_answer(side_channel.server.address, {9001: ok_answer(stream)}, log)
+    reply, _, stats = forward_once(answer, WorkerRole.PREFILL, WorkerRole.DECODE, stream=stream)
+    assert reply.status_code == 200 and b"decoded" in reply.body
+    assert side_channel.releases == []
+    assert (stats.disaggregated, stats.handoffs_released, stats.handoff_release_failures) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("second, status, releases", [
+    (None, 502, [(LAST_HASH,)]),       # both refuse the connection: given up
+    (httpx.Response(500), 502, [(LAST_HASH,)]),
+    ("ok", 200, []),                   # the retry took it
+])
+def test_a_failed_decode_hop_releases_only_once_the_router_gives_up(second, status, releases,
+                                                                     side_channel, log):
+    decodes = {9001: None, 9002: ok_answer(False) if second == "ok" else second}
+    answer = disaggregated_answer(side_channel.server.address, decodes, log)
+    reply, _, stats = forward_once(answer, WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.DECODE)
+    assert reply.status == status if isinstance(reply, RequestError) else reply.status_code == status
+    assert [entry[:2] for entry in log[:2]] == [("decode", 9001), ("decode", 9002)]
+    assert side_channel.releases == releases and len(log) == 2 + len(releases)
+    assert (stats.retries, stats.handoffs_released) == (1, len(releases))
+
+
+def test_a_client_gone_before_the_decode_answered_releases_the_handoff(side_channel, log):
+    from kvbm.serving.forwarding import Forwarder
+
+    pool, stats = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE), RouterStats(window=8)
+    decode_reached = asyncio.Event()
+    answer_sync = disaggregated_answer(side_channel.server.address, {}, log)
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.port == 9000:
+            return answer_sync(request)
+        decode_reached.set()
+        await asyncio.Event().wait()  # the decode never answers
+        raise AssertionError("unreachable")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            forwarder = Forwarder(pool, stats, client)
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+            request = asyncio.create_task(forwarder.forward(Endpoint.COMPLETIONS, body, time.monotonic()))
+            await decode_reached.wait()
+            request.cancel()  # what the server does with a request whose client went away
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            await forwarder.close()
+
+    asyncio.run(run())
+    assert side_channel.releases == [(LAST_HASH,)]
+    assert stats.handoffs_released == 1
+    assert [w.in_flight for w in pool.all()] == [0, 0]
+
+
+def test_a_release_the_prefill_does_not_answer_is_counted_and_the_client_still_gets_its_answer(log):
+    with socket.socket() as closed:  # a port nobody listens on once this closes
+        closed.bind(("127.0.0.1", 0))
+        source = f"127.0.0.1:{closed.getsockname()[1]}"
+    answer = disaggregated_answer(source, {9001: vllm_error(400, "bad temperature")}, log)
+    reply, _, stats = forward_once(answer, WorkerRole.PREFILL, WorkerRole.DECODE)
+    assert reply.status_code == 400 and json.loads(reply.body)["error"]["message"] == "bad temperature"
+    assert (stats.handoffs_released, stats.handoff_release_failures) == (0, 1)
 
 
 # --- health --------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ class ConnectorConfig:
         async_load_min_blocks: while other requests run, loads of at least this many blocks
             run asynchronously (the request waits while the others go on); smaller loads, and
             every load on an otherwise idle engine, finish before the step's forward pass.
-        load_failure: what vLLM does after a failed load (sets vLLM's kv_load_failure_policy).
+        load_failure: what vLLM does after a failed load; None: recompute, unless vLLM's
+            ``kv_load_failure_policy`` says so already (see :func:`resolve_load_failure`).
         stats_port: port of the worker's JSON/Prometheus stats endpoint; None: no endpoint.
         stats_host: address the stats endpoint binds (loopback unless set).
         remote: the worker's NIXL endpoint, for disaggregated serving (``"remote"``: a dict
@@ -48,7 +49,7 @@ class ConnectorConfig:
 
     kvbm: KvbmConfig
     async_load_min_blocks: int = 64
-    load_failure: LoadFailurePolicy = LoadFailurePolicy.RECOMPUTE
+    load_failure: LoadFailurePolicy | None = None
     stats_port: int | None = None
     stats_host: str = "127.0.0.1"
     remote: RemoteConfig | None = None
@@ -81,7 +82,7 @@ class ConnectorConfig:
             kvbm_raw["g2_capacity_bytes"] = DEFAULT_G2_CAPACITY_BYTES
             kvbm_raw.pop("g2_capacity_blocks", None)
         values: dict[str, Any] = {k: v for k, v in raw.items() if k in own}
-        if "load_failure" in values:
+        if values.get("load_failure") is not None:
             try:
                 values["load_failure"] = LoadFailurePolicy(values["load_failure"])
             except ValueError:
@@ -90,6 +91,35 @@ class ConnectorConfig:
         if values.get("remote") is not None:
             values["remote"] = _remote(values["remote"])
         return cls(kvbm=KvbmConfig.from_dict(kvbm_raw), **values)
+
+
+def resolve_load_failure(configured: LoadFailurePolicy | None, vllm_policy: str) -> LoadFailurePolicy:
+    """The policy vLLM is to apply to kvbm's failed loads.
+
+    vLLM's ``kv_load_failure_policy`` defaults to "fail", and its config does not record whether
+    a user set it: "recompute" there is always someone's choice and is kept, "fail" may be
+    nobody's, so kvbm's ``load_failure`` decides then, and unset means "recompute" (a block
+    kvbm failed to load is a cache miss, not a reason to end the request).
+
+    Args:
+        configured: kvbm's ``load_failure`` (None: unset).
+        vllm_policy: vLLM's ``kv_transfer_config.kv_load_failure_policy``.
+
+    Raises:
+        ConfigError: ``load_failure`` is "fail" while vLLM's policy is "recompute", or vLLM's
+            policy is neither.
+    """
+    try:
+        vllm = LoadFailurePolicy(vllm_policy)
+    except ValueError:
+        raise ConfigError("kv_load_failure_policy", f"unknown vLLM policy {vllm_policy!r}") from None
+    if vllm is LoadFailurePolicy.RECOMPUTE:
+        if configured is LoadFailurePolicy.FAIL:
+            raise ConfigError(
+                "load_failure", "is 'fail' but vLLM's kv_transfer_config.kv_load_failure_policy is "
+                "'recompute'; set one of the two, or both alike")
+        return vllm
+    return configured or LoadFailurePolicy.RECOMPUTE
 
 
 def _check_int(field: str, value: Any, minimum: int) -> None:

@@ -21,7 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvbm.connectors.vllm.config import ConnectorConfig
+from kvbm.connectors.vllm.config import ConnectorConfig, LoadFailurePolicy, resolve_load_failure
 from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata
 from kvbm.connectors.vllm.stats import KvbmConnectorStats, KvbmPromMetrics, StatsServer
 
@@ -46,8 +46,7 @@ class KVBMConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from kvbm.connectors.vllm.scheduler import SchedulerSide
 
-            # A failed load is a cache miss: vLLM reads this after building the connector.
-            transfer.kv_load_failure_policy = self._config.load_failure.value
+            _set_load_failure_policy(transfer, self._config)
             self._scheduler = SchedulerSide(self._config, vllm_config, kv_cache_config)
             if self._config.stats_port is not None:
                 self._stats_server = StatsServer(self._scheduler, self._config.stats_host, self._config.stats_port)
@@ -85,7 +84,8 @@ class KVBMConnector(KVConnectorBase_V1):
         self._worker.wait_for_save(self._meta())
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
-        self._worker.handle_preemptions()
+        assert isinstance(kv_connector_metadata, KvbmConnectorMetadata)
+        self._worker.handle_preemptions(kv_connector_metadata)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._worker.get_finished(finished_req_ids)
@@ -141,3 +141,18 @@ class KVBMConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmConnectorMetadata)
         return meta
+
+
+def _set_load_failure_policy(transfer: Any, config: ConnectorConfig) -> None:
+    """Writes :func:`resolve_load_failure`'s answer into vLLM's kv_load_failure_policy, which
+    vLLM's scheduler reads right after building its connector.
+
+    Raises:
+        ConfigError: kvbm's load_failure and vLLM's kv_load_failure_policy conflict.
+    """
+    policy = resolve_load_failure(config.load_failure, transfer.kv_load_failure_policy)
+    if config.load_failure is None and transfer.kv_load_failure_policy != policy.value:
+        logger.info("kvbm: a failed KV load is recomputed (vLLM's kv_load_failure_policy %r set to %r); "
+                    "to end such requests with an error instead, set kv_connector_extra_config.load_failure=%r",
+                    transfer.kv_load_failure_policy, policy.value, LoadFailurePolicy.FAIL.value)
+    transfer.kv_load_failure_policy = policy.value

@@ -71,6 +71,8 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
         holds: finished requests' blocks to hold for remote readers.
         releases: ``(source, hashes)``: tell a remote prefill we will not read the blocks it
             holds ending in ``hashes`` (we had them already, or they do not match).
+        preempted: requests vLLM preempted this step: it freed their blocks, so their
+            copies must end before this step's loads and forward pass reuse them.
     """
 
     loads: list[RequestLoad] = dataclasses.field(default_factory=list)
@@ -78,6 +80,7 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
     await_saves: set[str] = dataclasses.field(default_factory=set)
     holds: list[HeldRequest] = dataclasses.field(default_factory=list)
     releases: list[tuple[str, tuple[BlockHash, ...]]] = dataclasses.field(default_factory=list)
+    preempted: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass

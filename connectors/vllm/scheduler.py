@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from vllm.v1.request import RequestStatus
 
-from kvbm.hashing import BlockExtras, BlockHasher, HashedBlocks
+from kvbm.hashing import BlockHasher, HashedBlocks
 from kvbm.ids import JobId, Tier
+from kvbm.jobs import JobResult
 from kvbm.manager import BlockManager
 from kvbm.policy import OffloadPolicy
 from kvbm.remote.publication import Publication
@@ -46,6 +47,7 @@ from kvbm.connectors.vllm.metadata import (
     RemotePull,
     RequestLoad,
 )
+from kvbm.connectors.vllm.request_extras import block_extras
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -68,7 +70,25 @@ class _RequestState:
     local_blocks: int = 0  # blocks of the planned load that G2/G3 hold
     handoff: Handoff | None = None  # a remote prefill's blocks to pull, until tried
     remote_end: int = 0  # end (in blocks) of the handed-off prefix this step's match uses
+    load_async: bool = False  # the planned load runs asynchronously
+    # An asynchronous load (or pull) is in flight and vLLM has not been told it ended: vLLM
+    # itself keeps the blocks of such a request when it is aborted, until finished_recving.
+    loading: bool = False
     jobs: set[JobId] = dataclasses.field(default_factory=set)  # unfinished loads and stores
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlannedStore:
+    """An offload of blocks a step computes, until its result arrives.
+
+    The blocks were computed on top of the request's first ``depends_on`` engine blocks: if
+    one of those fails to load in that step, what the step computed is wrong, and the store
+    must not commit.
+    """
+
+    req_id: str
+    depends_on: int
+    num_blocks: int
 
 
 class SchedulerSide:
@@ -86,6 +106,8 @@ class SchedulerSide:
             fingerprint=fingerprint, g1_on_host=vllm_config.device_config.device_type == "cpu")
         self._requests: dict[str, _RequestState] = {}
         self._job_owner: dict[JobId, str] = {}
+        self._planned_stores: dict[JobId, _PlannedStore] = {}
+        self._tainted: set[JobId] = set()  # stores computed on a failed load: never committed
         self._running: set[str] = set()  # requests the last step ran, less those finished since
         self._step = KvbmConnectorMetadata()
         self._stats = self._manager.stats()
@@ -124,7 +146,9 @@ class SchedulerSide:
         remote_end = self._handed_off_blocks(state, limit)
         state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
         blocks = max(match.num_blocks, state.remote_end - start)
-        return blocks * bs, self._load_async(request.request_id, blocks) or state.remote_end > 0
+        # Decided once here: vLLM parks the request (WAITING_FOR_REMOTE_KVS) on this answer.
+        state.load_async = self._load_async(request.request_id, blocks) or state.remote_end > 0
+        return blocks * bs, state.load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         state = self._requests.get(request.request_id)
@@ -149,9 +173,10 @@ class SchedulerSide:
                                 list(block_ids[local:count]))
             state.handoff = None
         self._release_handoff(state)
+        state.loading = state.load_async
         self._step.loads.append(RequestLoad(
             req_id=request.request_id, jobs=jobs, missing_block_ids=missing,
-            asynchronous=self._load_async(request.request_id, count) or remote is not None, remote=remote))
+            asynchronous=state.load_async, remote=remote))
 
     def _load_async(self, req_id: str, blocks: int) -> bool:
         """Whether a local (G2/G3) load of ``blocks`` runs asynchronously.
@@ -168,11 +193,12 @@ class SchedulerSide:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmConnectorMetadata:
         scheduled = scheduler_output.num_scheduled_tokens
         self._running = set(scheduled)
+        self._step.preempted = {r for r in scheduler_output.preempted_req_ids or () if r in self._requests}
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is not None:
                 state.block_ids = list(new.block_ids[0])
-                self._offload_computed(new.req_id, state, new.num_computed_tokens + scheduled[new.req_id])
+                self._offload_computed(new.req_id, state, new.num_computed_tokens, scheduled[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -183,7 +209,7 @@ class SchedulerSide:
                 state.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 state.block_ids.extend(new_ids[0])
-            self._offload_computed(req_id, state, cached.num_computed_tokens[i] + scheduled[req_id])
+            self._offload_computed(req_id, state, cached.num_computed_tokens[i], scheduled[req_id])
         # G2 -> G3 demotions belong to no request: nothing waits for them.
         self._step.stores.extend((None, job) for job in self._manager.take_jobs())
         if events := self._manager.take_events():
@@ -193,11 +219,21 @@ class SchedulerSide:
         return meta
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
+        if output.invalid_block_ids:
+            self._taint_stores(output.invalid_block_ids)
+        for req_id in output.finished_recving or ():
+            state = self._requests.get(req_id)
+            if state is not None:
+                state.loading = False
         worker_meta = output.kv_connector_worker_meta
         if isinstance(worker_meta, KvbmWorkerMetadata):
             self._side_channel = worker_meta.side_channel or self._side_channel
             self._remote_stats = worker_meta.remote or self._remote_stats
             for result in worker_meta.results:
+                store = self._planned_stores.pop(result.job_id, None)
+                if store is not None and result.job_id in self._tainted:
+                    self._tainted.discard(result.job_id)
+                    result = _computed_on_failed_load(result, store.num_blocks)
                 self._manager.complete(result)
                 if result.reason:
                     logger.warning("kvbm job %d failed for %d blocks: %s",
@@ -216,15 +252,15 @@ class SchedulerSide:
         if state is None:
             return False, None
         self._release_handoff(state)  # a decode request that ended before its pull
+        if state.loading:
+            # Aborted while its asynchronous load runs: vLLM keeps the blocks until the worker
+            # reports the load ended (finished_recving). Asking vLLM to keep them too would
+            # make the worker report the request twice; and its blocks hold no KV to offer.
+            del self._requests[request.request_id]
+            return False, None
         params = self._hold_for_decode(request, state, block_ids)
         if self._config.kvbm.offload_policy is OffloadPolicy.ON_EVICTION:
-            # vLLM reports no G1 evictions; a finished request's blocks are the ones it may now
-            # evict, so they are offered here (while still intact) instead.
-            full = min(len(state.blocks), len(state.block_ids))
-            if full:
-                jobs = self._manager.blocks_evicting(state.blocks[:full], state.block_ids[:full])
-                self._own(request.request_id, state, jobs)
-                self._step.stores.extend((request.request_id, job) for job in jobs)
+            self._offer_finished(request, state, block_ids)
         if state.jobs or (params is not None and params.get(KEY) is not None):
             self._step.await_saves.add(request.request_id)
             return True, params
@@ -242,6 +278,25 @@ class SchedulerSide:
 
     def has_pending_jobs(self) -> bool:
         return bool(self._job_owner)
+
+    # -- integrity ---------------------------------------------------------------------------
+
+    def _taint_stores(self, invalid_block_ids: set[int]) -> None:
+        """Stores of blocks computed on top of engine blocks that failed to load must not commit.
+
+        vLLM reports a step's load failures (``invalid_block_ids``) in that step's output, before
+        any of the stores planned for it can have reported a result, and rewinds the affected
+        requests to their first failed block. A store whose request's blocks up to the stored
+        ones include a failed block was computed from wrong KV: its result is turned into a
+        failure. Older stores cannot depend on blocks loaded this step (those are fresh blocks
+        of the loading request), so at worst one is given up needlessly.
+        """
+        for job_id, store in self._planned_stores.items():
+            state = self._requests.get(store.req_id)
+            if state is None or job_id in self._tainted:
+                continue
+            if not invalid_block_ids.isdisjoint(state.block_ids[: store.depends_on]):
+                self._tainted.add(job_id)
 
     def shutdown(self) -> None:
         """Flushes G3's index and releases its directory."""
@@ -299,15 +354,40 @@ class SchedulerSide:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _offload_computed(self, req_id: str, state: _RequestState, computed_tokens: int) -> None:
-        full = min(computed_tokens // self._block_size, len(state.block_ids))
+    def _offload_computed(self, req_id: str, state: _RequestState, computed: int, scheduled: int) -> None:
+        """Offer the blocks this step completes (``computed`` tokens done before it)."""
+        bs = self._block_size
+        # vLLM rewinds a request whose load failed (or that was preempted): blocks from there
+        # on are computed again, and offered again once they are.
+        state.offered = min(state.offered, computed // bs)
+        # Speculative (draft) tokens, and on GPU async scheduling's placeholder, count as
+        # scheduled but are not the request's tokens yet: only blocks of real tokens are offered.
+        full = min((computed + scheduled) // bs, state.request.num_tokens // bs, len(state.block_ids))
         if full <= state.offered:
             return
         blocks = self._blocks(state, full)
         jobs = self._manager.blocks_computed(blocks[state.offered : full], state.block_ids[state.offered : full])
         state.offered = full
         self._own(req_id, state, jobs)
+        for job in jobs:
+            self._planned_stores[job.job_id] = _PlannedStore(req_id, full, job.num_blocks)
         self._step.stores.extend((req_id, job) for job in jobs)
+
+    def _offer_finished(self, request: Request, state: _RequestState, block_ids: list[int]) -> None:
+        """ON_EVICTION: offer a finished request's computed full blocks while still intact.
+
+        vLLM reports no G1 evictions; a finished request's blocks are the ones it may now
+        evict. ``block_ids`` is vLLM's own list for the request's computed tokens (empty for a
+        request preempted and not resumed), and only blocks whose every token was computed and
+        written count: not a partly written last block of a request aborted mid-prefill.
+        """
+        written = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+        full = min(max(written, 0) // self._block_size, request.num_tokens // self._block_size, len(block_ids))
+        if not full:
+            return
+        jobs = self._manager.blocks_evicting(self._blocks(state, full)[:full], block_ids[:full])
+        self._own(request.request_id, state, jobs)
+        self._step.stores.extend((request.request_id, job) for job in jobs)
 
     def _own(self, req_id: str, state: _RequestState, jobs: list) -> None:
         for job in jobs:
@@ -331,13 +411,19 @@ class SchedulerSide:
         bs, request = self._block_size, state.request
         tokens = np.asarray(request.all_token_ids[have * bs : count * bs], dtype=np.int32)
         parent = state.blocks.hashes[-1] if have else None
-        new = self._hasher.hash_prompt(tokens, extras=_extras(request, bs, have), parent=parent)
+        new = self._hasher.hash_prompt(tokens, extras=block_extras(request, bs, have), parent=parent)
         if have:
             state.blocks = HashedBlocks(state.blocks.hashes + new.hashes,
                                         np.concatenate([state.blocks.tokens, new.tokens]))
         else:
             state.blocks = new
         return state.blocks
+
+
+def _computed_on_failed_load(result: JobResult, num_blocks: int) -> JobResult:
+    """``result`` as a failure of every block: their bytes were computed from wrong KV."""
+    return dataclasses.replace(result, failed=np.arange(num_blocks, dtype=np.int64), checksums=None,
+                               reason="computed on top of a block that failed to load")
 
 
 def _configured_side_channel(config: ConnectorConfig) -> str | None:
@@ -349,24 +435,3 @@ def _configured_side_channel(config: ConnectorConfig) -> str | None:
     if remote is None or remote.side_channel_host is None or not remote.side_channel_port:
         return None
     return f"{remote.advertise_host or remote.side_channel_host}:{remote.side_channel_port}"
-
-
-def _extras(request: Request, block_size: int, first_block: int) -> dict[int, BlockExtras]:
-    """Per-block hash inputs besides tokens, keyed relative to ``first_block``.
-
-    LoRA adapter and cache salt enter the first block: chaining carries them to every later
-    block. A multimodal item enters the block holding its first placeholder token.
-    """
-    mm: dict[int, list[str]] = {}
-    for feature in getattr(request, "mm_features", None) or ():
-        mm.setdefault(feature.mm_position.offset // block_size, []).append(feature.identifier)
-    lora = request.lora_request.lora_int_id if request.lora_request is not None else None
-    extras: dict[int, BlockExtras] = {}
-    for block in sorted(set(mm) | ({0} if first_block == 0 else set())):
-        if block < first_block:
-            continue
-        first = block == 0
-        extra = BlockExtras(lora_id=lora if first else None, mm_hashes=tuple(mm.get(block, ())),
-                            cache_salt=request.cache_salt if first else None)
-        extras[block - first_block] = extra
-    return extras

@@ -27,7 +27,8 @@ from kvbm.stats import KvbmStats
 _GAUGES = ("capacity_blocks", "used_blocks", "pinned_blocks")
 _COUNTERS = ("hits", "misses", "evictions", "blocks_offloaded", "blocks_onboarded",
              "bytes_offloaded", "bytes_onboarded", "transfers", "transfer_failures",
-             "token_mismatches", "checksum_mismatches")
+             "token_mismatches", "checksum_mismatches", "io_errors", "dropped_on_open",
+             "dropped_after_read_errors")
 
 
 @dataclasses.dataclass

@@ -13,9 +13,9 @@ Loads and offloads run on two transfer threads, so a load (which a request waits
 queues behind offloads (which nothing waits for). They never touch the same bytes: a slot
 being stored is invisible to lookups until its store commits, a slot being loaded is leased
 and cannot be evicted for a store, and vLLM allocates a load's engine blocks only when no
-running request holds them. Before vLLM frees preempted requests' blocks
-(``handle_preemptions``), every running job is waited for, so none reads or writes a block
-that changed hands. On CUDA both kinds share one thread: they share a staging buffer.
+running request holds them. When vLLM preempts requests (it frees their
+blocks at once), ``handle_preemptions`` waits for those requests' jobs before the step reuses
+the blocks; the other jobs run on. On CUDA both kinds share one thread: they share a staging buffer.
 
 With ``remote`` configured the worker also runs a NIXL endpoint over its engine blocks: it
 pulls handed-off blocks from prefill workers by hash (verified against the prefill's
@@ -144,16 +144,23 @@ class WorkerSide:
             self._submit(stores, req_id, job)
         self._awaiting |= meta.await_saves
 
-    def handle_preemptions(self) -> None:
-        for engine in self._engines():
-            engine.wait()
+    def handle_preemptions(self, meta: KvbmConnectorMetadata) -> None:
+        """Wait for the copies of the requests vLLM preempted (it freed their blocks); the
+        step's other jobs run on (their blocks stay allocated, or are kept for them)."""
+        jobs = [job for req_id in meta.preempted for job in self._req_jobs.get(req_id, ())]
+        if jobs:
+            for engine in self._engines():
+                engine.wait(jobs)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._collect()
         if self._held is not None:
             self._held.take_ended()
-        done_saving = {r for r in self._awaiting if not self._req_jobs.get(r) and not self._is_held(r)}
+        # A request is done only when nothing still writes its blocks: copies, holds, and
+        # NIXL pulls (an aborted decode's pull may still be landing).
         pulling = {req_id for req_id, _ in self._pulls.values()}
+        done_saving = {r for r in self._awaiting
+                       if not self._req_jobs.get(r) and not self._is_held(r) and r not in pulling}
         done_loading = {r for r in self._async_loads if not self._req_jobs.get(r) and r not in pulling}
         self._awaiting -= done_saving
         self._async_loads -= done_loading

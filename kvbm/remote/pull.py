@@ -5,17 +5,25 @@ Contract (owner thread only, like the core's :class:`~kvbm.transfer.TransferEngi
     submit(grant, local_tier, local_ids, metadata=None) -> JobId     # blocks named by the source
     submit_hashes(address, hashes, local_tier, local_ids) -> JobId    # blocks named by hash
     poll() -> [JobResult, ...]      # every job ends exactly once: ok, or failed with a reason
+                                    # (only once NIXL has released its read)
     hold(grant) / drop(grant)       # keep a grant's lease alive before pulling / give it up
-    close()
+    close() -> [JobResult, ...]     # fails what still runs; every result not yet returned
 
 A job moves through RESOLVING (side-channel request on a helper thread: the source's
 metadata, or a grant by hash), READY (peer loaded) and READING (one NIXL read for all its
 blocks). Its deadline covers all three; past it the job fails (``deadline: ...``) and its
-NIXL request is released. Block ``i`` of a job is ``local_ids[i]``; ``JobResult.failed``
-lists positions that did not arrive intact: all of them when the job failed as a whole, the
-tail a peer did not hold (``not_held``), blocks whose bytes differ from the checksum the
-source published (``checksum``; also in ``JobResult.corrupt``). Failed blocks hold
-undefined bytes: the caller recomputes them.
+NIXL request is released. A job's result comes out only once its NIXL request is released:
+when NIXL refuses (the read may still be writing the destination blocks), the job stays in
+flight with its result held back, each ``poll`` retries the release, and the result (ok, or
+failed with its original reason) comes out of the poll where the release succeeds. ``close``
+still ends every job: a result whose request NIXL still refuses to release is returned
+anyway, there being no later poll to wait for.
+
+Block ``i`` of a job is ``local_ids[i]``; ``JobResult.failed`` lists positions that did not
+arrive intact: all of them when the job failed as a whole, the tail a peer did not hold
+(``not_held``), blocks whose bytes differ from the checksum the source published
+(``checksum``; also in ``JobResult.corrupt``). Failed blocks hold undefined bytes: the caller
+recomputes them.
 
 Every job ends its lease with a DONE notice to the source, ok or failed (except when the
 source is lost), batched per source by :class:`~kvbm.remote.keepalive.LeaseKeeper`, which
@@ -66,6 +74,14 @@ class _Job:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Retained:
+    """A job that ended while NIXL refused to release its read: ``result`` waits for it."""
+
+    handle: ReadHandle
+    result: JobResult
+
+
+@dataclasses.dataclass(frozen=True)
 class PullCounters:
     jobs_ok: int
     jobs_failed: int
@@ -75,8 +91,8 @@ class PullCounters:
     checksum_failures: int
     failures: dict[str, int]
     heartbeats_sent: int
-    handles_retained: int
-    in_flight: int
+    handles_retained: int  # NIXL requests that refused release (their jobs wait; after close: abandoned)
+    in_flight: int  # jobs whose result is still to come, those waiting for a release included
     releases: int = 0  # holds given up without reading (the blocks were here already)
     releases_failed: int = 0
 
@@ -108,7 +124,9 @@ class PullEngine:
         )
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._orphans: list[concurrent.futures.Future] = []  # grants resolved after their job died
-        self._retained: list[ReadHandle] = []  # NIXL requests that refused release
+        self._retained: list[_Retained] = []  # ended jobs whose NIXL request refused release
+        # Requests still refused at close, kept referenced so no in-flight request is freed.
+        self._abandoned: list[ReadHandle] = []
         self._counts = dict.fromkeys(
             ("ok", "failed", "blocks", "bytes", "blocks_failed", "corrupt", "releases", "releases_failed"), 0)
         self._release_lock = threading.Lock()
@@ -117,7 +135,8 @@ class PullEngine:
 
     @property
     def in_flight(self) -> int:
-        return len(self._jobs)
+        """Jobs whose result is still to come, those waiting for a release included."""
+        return len(self._jobs) + len(self._retained)
 
     def submit(
         self,
@@ -218,8 +237,7 @@ class PullEngine:
                 finished.append(result)
         self._keeper.tick()
         self._settle_orphans()
-        self._retry_retained()
-        return finished
+        return finished + self._retry_retained()
 
     def counters(self) -> PullCounters:
         c = self._counts
@@ -232,17 +250,27 @@ class PullEngine:
             checksum_failures=c["corrupt"],
             failures=dict(self._failures),
             heartbeats_sent=self._keeper.heartbeats_sent,
-            handles_retained=len(self._retained),
-            in_flight=len(self._jobs),
+            handles_retained=len(self._retained) + len(self._abandoned),
+            in_flight=self.in_flight,
             releases=c["releases"],
             releases_failed=c["releases_failed"],
         )
 
     def close(self) -> list[JobResult]:
-        """Fail every running job (``closed``) and release its NIXL request."""
+        """Fail every running job (``closed``), release its NIXL request and return every
+        result still to come, those of jobs waiting for a release included."""
         error = RemoteError(FailureKind.CLOSED, "pull engine closed")
         results, self._finished = self._finished, []
-        results += [self._finish(job, error) for job in list(self._jobs.values())]
+        for job in list(self._jobs.values()):
+            result = self._retain(job, self._finish(job, error))
+            if result is not None:
+                results.append(result)
+        results += self._retry_retained()
+        # NIXL still refuses these: with no poll to come there is nothing left to wait for, so
+        # their results go out now (the engine is shutting down) and the requests stay referenced.
+        self._abandoned += [r.handle for r in self._retained]
+        results += [r.result for r in self._retained]
+        self._retained = []
         self._keeper.flush()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -269,6 +297,21 @@ class PullEngine:
         return job
 
     def _advance(self, job: _Job) -> JobResult | None:
+        """Step ``job``; its result once it ended and its NIXL request is released."""
+        result = self._step(job)
+        return None if result is None else self._retain(job, result)
+
+    def _retain(self, job: _Job, result: JobResult) -> JobResult | None:
+        """Release the ended ``job``'s NIXL request and return ``result``; when NIXL refuses,
+        hold ``result`` back until :meth:`_retry_retained` releases it (a late write could
+        still land in the blocks the caller would hand back for reuse)."""
+        handle, job.handle = job.handle, None
+        if handle is None or self._transport.release(handle):
+            return result
+        self._retained.append(_Retained(handle, result))
+        return None
+
+    def _step(self, job: _Job) -> JobResult | None:
         try:
             if job.phase is _Phase.RESOLVING:
                 self._resolve(job)
@@ -319,9 +362,6 @@ class PullEngine:
     def _complete(self, job: _Job) -> JobResult:
         grant = job.grant
         assert grant is not None
-        if job.handle is not None and not self._transport.release(job.handle):
-            self._retained.append(job.handle)
-        job.handle = None
         n, k = len(job.local_ids), len(grant)
         checksums = None
         corrupt = _NONE
@@ -350,10 +390,7 @@ class PullEngine:
         return JobResult(job.job_id, failed, corrupt, checksums, reason, self._clock() - job.started)
 
     def _finish(self, job: _Job, error: RemoteError) -> JobResult:
-        """End ``job`` as failed as a whole."""
-        if job.handle is not None and not self._transport.release(job.handle):
-            self._retained.append(job.handle)
-        job.handle = None
+        """End ``job`` as failed as a whole (its NIXL request is left to :meth:`_retain`)."""
         if job.future is not None:
             self._orphans.append(job.future)
             job.future = None
@@ -366,6 +403,7 @@ class PullEngine:
         return JobResult(job.job_id, failed, _NONE, None, str(error), self._clock() - job.started)
 
     def _fail_now(self, job: _Job, error: RemoteError) -> JobId:
+        assert job.handle is None  # no read was posted: nothing to release
         self._finished.append(self._finish(job, error))
         return job.job_id
 
@@ -398,8 +436,13 @@ class PullEngine:
                 self._keeper.queue_done(grant.source, grant.lease_id)
         self._orphans = still
 
-    def _retry_retained(self) -> None:
-        self._retained = [h for h in self._retained if not self._transport.release(h)]
+    def _retry_retained(self) -> list[JobResult]:
+        """Retry every refused release; return the results of the jobs now released."""
+        released, still = [], []
+        for retained in self._retained:
+            (released if self._transport.release(retained.handle) else still).append(retained)
+        self._retained = still
+        return [r.result for r in released]
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from kvbm.config import G3OnMismatch, KvbmConfig
+from kvbm.connectors.vllm.config import ConnectorConfig, LoadFailurePolicy, resolve_load_failure
 from kvbm.errors import ConfigError
 from kvbm.manager import BlockManager
 from kvbm.policy import OffloadPolicy
@@ -113,3 +114,35 @@ def test_g3_needs_the_layout_fingerprint(tmp_path) -> None:
     with pytest.raises(ValueError, match="fingerprint"):
         BlockManager(cfg, block_size=4, block_bytes=64)
     assert not (tmp_path / "g3").exists()  # nothing is created before the arguments are checked
+
+
+# -- the vLLM connector's load_failure against vLLM's kv_load_failure_policy -------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ({}, None), ({"load_failure": None}, None),
+    ({"load_failure": "fail"}, LoadFailurePolicy.FAIL), ({"load_failure": "recompute"}, LoadFailurePolicy.RECOMPUTE),
+])
+def test_load_failure_is_unset_unless_given(raw, expected) -> None:
+    assert ConnectorConfig.from_extra_config(raw).load_failure is expected
+
+
+@pytest.mark.parametrize("configured, vllm_policy, expected", [
+    (None, "fail", LoadFailurePolicy.RECOMPUTE),  # vLLM's default, maybe nobody's choice
+    (None, "recompute", LoadFailurePolicy.RECOMPUTE),
+    (LoadFailurePolicy.RECOMPUTE, "fail", LoadFailurePolicy.RECOMPUTE),
+    (LoadFailurePolicy.RECOMPUTE, "recompute", LoadFailurePolicy.RECOMPUTE),
+    (LoadFailurePolicy.FAIL, "fail", LoadFailurePolicy.FAIL),
+])
+def test_vllm_recompute_is_kept_and_its_fail_yields_to_kvbm(configured, vllm_policy, expected) -> None:
+    assert resolve_load_failure(configured, vllm_policy) is expected
+
+
+def test_kvbm_fail_against_vllm_recompute_is_a_conflict_naming_both() -> None:
+    with pytest.raises(ConfigError, match="kv_load_failure_policy") as info:
+        resolve_load_failure(LoadFailurePolicy.FAIL, "recompute")
+    assert info.value.field == "load_failure"
+
+
+def test_an_unknown_vllm_policy_is_refused() -> None:
+    with pytest.raises(ConfigError, match="kv_load_failure_policy"):
+        resolve_load_failure(None, "retry")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import struct
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvbm.hashing import BlockExtras, BlockHasher, HashedBlocks, canonical_tokens
+from kvbm.hashing import BlockExtras, BlockHasher, HashedBlocks, LayoutFingerprint, canonical_tokens
 
 from .conftest import BLOCK_SIZE, make_fingerprint, make_hasher, make_tokens
 
@@ -37,7 +38,9 @@ def test_hashes_follow_the_documented_encoding() -> None:
         value = getattr(fp, f.name)
         name = f.name.encode()
         enc += struct.pack("<I", len(name)) + name
-        if isinstance(value, str):
+        if value is None:
+            enc += b"n"
+        elif isinstance(value, str):
             enc += b"s" + struct.pack("<I", len(value.encode())) + value.encode()
         else:
             enc += b"i" + struct.pack("<q", value)
@@ -80,7 +83,9 @@ def test_parent_extends_a_chain() -> None:
     "field, value",
     [
         ("model", "other-model"), ("dtype", "float16"), ("num_layers", 3), ("num_kv_heads", 4),
-        ("head_dim", 64), ("layout_tag", "test-hnd"), ("tp_rank", 1), ("tp_size", 4), ("format_version", 2),
+        ("head_dim", 64), ("layout_tag", "test-hnd"), ("tp_rank", 1), ("tp_size", 4), ("format_version", 3),
+        ("weights", "xxh3:0123"), ("quantization", "fp8"), ("kv_cache_dtype", "fp8_e4m3"),
+        ("attention_backend", "FLASH_ATTN"), ("hf_overrides", '{"rope_theta":1000}'),
     ],
 )
 def test_every_fingerprint_field_changes_the_hashes(field: str, value: object) -> None:
@@ -102,7 +107,7 @@ def test_extras_change_their_block_and_later_ones() -> None:
     hasher = make_hasher()
     tokens = make_tokens(5 * BLOCK_SIZE)
     plain = hasher.hash_prompt(tokens).hashes
-    for extra in (BlockExtras(lora_id=7), BlockExtras(mm_hashes=("img-a",)), BlockExtras(cache_salt="tenant-1")):
+    for extra in (BlockExtras(lora="adapter-7"), BlockExtras(mm_hashes=("img-a",)), BlockExtras(cache_salt="tenant-1")):
         salted = hasher.hash_prompt(tokens, extras={2: extra}).hashes
         assert salted[:2] == plain[:2]
         assert all(x != y for x, y in zip(salted[2:], plain[2:]))
@@ -113,7 +118,7 @@ def test_extras_are_encoded_unambiguously() -> None:
     tokens = make_tokens(2 * BLOCK_SIZE)
     variants = [
         BlockExtras(mm_hashes=("a", "b")), BlockExtras(mm_hashes=("b", "a")), BlockExtras(mm_hashes=("ab",)),
-        BlockExtras(lora_id=1), BlockExtras(lora_id=2), BlockExtras(cache_salt="1"),
+        BlockExtras(lora="1"), BlockExtras(lora="2"), BlockExtras(lora=""), BlockExtras(cache_salt="1"),
     ]
     firsts = {hasher.hash_prompt(tokens, extras={0: v}).hashes[0] for v in variants}
     assert len(firsts) == len(variants)
@@ -123,12 +128,12 @@ def test_empty_extras_and_extras_past_the_last_block_change_nothing() -> None:
     hasher = make_hasher()
     tokens = make_tokens(3 * BLOCK_SIZE + 1)
     plain = hasher.hash_prompt(tokens).hashes
-    assert hasher.hash_prompt(tokens, extras={0: BlockExtras(), 3: BlockExtras(lora_id=1)}).hashes == plain
+    assert hasher.hash_prompt(tokens, extras={0: BlockExtras(), 3: BlockExtras(lora="a")}).hashes == plain
 
 
 def test_hashes_are_identical_in_another_process() -> None:
     tokens = make_tokens(16 * BLOCK_SIZE, seed=3)
-    extras = {1: BlockExtras(lora_id=5, mm_hashes=("x",), cache_salt="s")}
+    extras = {1: BlockExtras(lora="l", mm_hashes=("x",), cache_salt="s")}
     here = make_hasher().hash_prompt(tokens, extras=extras).hashes
     script = textwrap.dedent(
         f"""
@@ -136,7 +141,7 @@ def test_hashes_are_identical_in_another_process() -> None:
         from kvbm.hashing import BlockExtras, BlockHasher, LayoutFingerprint
         fp = LayoutFingerprint(**{dataclasses.asdict(make_fingerprint())!r})
         tokens = np.array({tokens.tolist()!r}, dtype=np.int64)
-        extras = {{1: BlockExtras(lora_id=5, mm_hashes=("x",), cache_salt="s")}}
+        extras = {{1: BlockExtras(lora="l", mm_hashes=("x",), cache_salt="s")}}
         print(",".join(h.hex() for h in BlockHasher(fp).hash_prompt(tokens, extras=extras).hashes))
         """
     )
@@ -183,15 +188,15 @@ def test_bad_extras_and_parent_raise() -> None:
     hasher = make_hasher()
     tokens = make_tokens(2 * BLOCK_SIZE)
     with pytest.raises(ValueError, match="non-negative"):
-        hasher.hash_prompt(tokens, extras={-1: BlockExtras(lora_id=1)})
+        hasher.hash_prompt(tokens, extras={-1: BlockExtras(lora="a")})
     with pytest.raises(ValueError, match="BlockExtras"):
         hasher.hash_prompt(tokens, extras={0: "lora"})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="16-byte"):
         hasher.hash_prompt(tokens, parent=b"short")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mm_hashes"):
         BlockExtras(mm_hashes=["a"])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="lora_id"):
-        BlockExtras(lora_id="7")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lora"):
+        BlockExtras(lora=7)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -200,6 +205,7 @@ def test_bad_extras_and_parent_raise() -> None:
         ({"model": ""}, "model"), ({"block_size": 0}, "block_size"), ({"head_dim": -1}, "head_dim"),
         ({"tp_rank": 2, "tp_size": 2}, "tp_rank"), ({"num_layers": 2.0}, "num_layers"),
         ({"layout_tag": 3}, "layout_tag"), ({"tp_size": True}, "tp_size"),
+        ({"weights": ""}, "weights"), ({"quantization": 8}, "quantization"), ({"kv_cache_dtype": None}, "kv_cache_dtype"),
     ],
 )
 def test_bad_fingerprints_name_the_field(overrides, match) -> None:
@@ -211,6 +217,15 @@ def test_canonical_tokens_does_not_copy_int32() -> None:
     tokens = np.arange(16, dtype=np.int32)
     assert canonical_tokens(tokens) is tokens
     assert canonical_tokens(tokens.astype(np.int64)).dtype == np.dtype("<i4")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"weights": "xxh3:ab", "quantization": "awq", "kv_cache_dtype": "fp8",
+                                        "attention_backend": "TRITON_ATTN", "hf_overrides": "{}"}])
+def test_fingerprint_round_trips_through_json(overrides) -> None:
+    """The router rebuilds a worker's fingerprint from its ``/layout`` JSON (asdict)."""
+    fp = make_fingerprint(**overrides)
+    again = LayoutFingerprint(**json.loads(json.dumps(dataclasses.asdict(fp))))
+    assert again == fp and again.digest() == fp.digest()
 
 
 def test_fingerprint_digest_is_the_chain_root() -> None:

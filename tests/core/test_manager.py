@@ -11,7 +11,7 @@ import pytest
 from kvbm.events import BlockRemoved, BlockStored
 from kvbm.hashing import HashedBlocks
 from kvbm.ids import Tier
-from kvbm.jobs import JobResult, failed_result
+from kvbm.jobs import JobResult, TransferJob, failed_result
 
 from .conftest import make_blocks, make_hasher
 
@@ -128,7 +128,7 @@ def test_corrupt_bytes_fail_closed(make_node) -> None:
 
 
 def test_without_verification_loads_carry_no_checksums(make_node) -> None:
-    node = make_node()
+    node = make_node(verify_g2_reads=False)
     blocks = make_blocks(2, seed=5)
     node.run(node.manager.blocks_computed(blocks, [0, 1]))
     assert node.manager.onboard(blocks, [2, 3]).jobs[0].expected_checksums is None
@@ -273,3 +273,48 @@ def test_bad_inputs(make_node) -> None:
     assert mgr.lookup(blocks).num_blocks == 2
     with pytest.raises(KeyError):
         mgr.complete(failed_result(job, "twice"))
+
+
+def read_error(job: TransferJob, positions: list[int]) -> JobResult:
+    """The result of an onboard job whose blocks at ``positions`` failed to read (I/O, not corrupt)."""
+    return JobResult(job.job_id, np.asarray(positions, dtype=np.int64), np.zeros(0, dtype=np.int64), None, "EIO", 0.0)
+
+
+def fail_to_onboard(node, blocks: HashedBlocks, positions: list[int]) -> None:
+    [job] = node.manager.onboard(blocks, list(range(8, 8 + len(blocks)))).jobs
+    node.manager.complete(read_error(job, positions))
+
+
+def test_a_block_failing_two_reads_is_dropped_and_counted(make_node) -> None:
+    node = make_node()
+    blocks = make_blocks(3, seed=13)
+    node.run(node.manager.blocks_computed(blocks, [0, 1, 2]))
+    node.manager.take_events()
+    fail_to_onboard(node, blocks, [1])
+    assert node.manager.lookup(blocks).num_blocks == 3 and node.manager.take_events() == []  # once: kept
+    fail_to_onboard(node, blocks, [1])
+    assert node.manager.take_events() == [BlockRemoved(Tier.G2, (blocks.hashes[1],))]
+    assert node.manager.lookup(blocks).num_blocks == 1  # block 1 is computed again
+    assert node.manager.lookup(blocks, start=2).slots.tolist() == [2]
+    plan = node.manager.onboard(blocks, [8, 9, 10])
+    assert plan.missing_block_ids.tolist() == [9] and all(r.ok for r in node.run(plan.jobs))
+    stats = node.manager.stats()
+    g2 = stats.tier(Tier.G2)
+    assert (g2.dropped_after_read_errors, g2.io_errors, g2.checksum_mismatches) == (1, 2, 0)
+    assert (g2.used_blocks, g2.pinned_blocks) == (2, 0)
+    assert stats.to_dict()["tiers"]["g2"]["dropped_after_read_errors"] == 1
+    assert 'kvbm_dropped_after_read_errors_total{tier="g2"} 1\n' in stats.to_prometheus()
+
+
+def test_a_good_read_between_two_failures_keeps_the_block(make_node) -> None:
+    node = make_node()
+    blocks = make_blocks(3, seed=14)
+    node.run(node.manager.blocks_computed(blocks, [0, 1, 2]))
+    fail_to_onboard(node, blocks, [0, 2])
+    assert all(r.ok for r in node.run(node.manager.onboard(blocks[:1], [8]).jobs))  # block 0 reads fine
+    fail_to_onboard(node, blocks, [0, 2])  # block 0: first failure again; block 2: second
+    assert node.manager.lookup(blocks).num_blocks == 2
+    assert node.manager.stats().tier(Tier.G2).dropped_after_read_errors == 1
+    fail_to_onboard(node, blocks[:2], [0])
+    assert node.manager.lookup(blocks).num_blocks == 0
+    assert node.manager.stats().tier(Tier.G2).dropped_after_read_errors == 2

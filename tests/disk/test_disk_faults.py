@@ -210,3 +210,40 @@ def test_eio_on_reads_writes_and_syncs_fails_only_those_blocks_and_serving_goes_
         assert node.manager.stats().tier(G3).blocks_offloaded == after.blocks_offloaded + 4
     finally:
         node.close()
+
+
+@pytest.mark.parametrize("g1_on_host", [True, False], ids=["g3-to-g1", "g3-via-g2"])
+def test_a_block_whose_reads_keep_failing_is_dropped_and_computed_again(
+        tmp_path: Path, monkeypatch, g1_on_host: bool) -> None:
+    failing = FailingOs()
+    monkeypatch.setattr(disk_store, "os", failing)
+    config = g3_config(tmp_path / "g3", g3_blocks=64, g2_capacity_blocks=8)
+    node = build_node(config, g1_blocks=32, g1_on_host=g1_on_host)
+    try:
+        a = make_blocks(8, seed=9)
+        node.write(a, list(range(8)))
+        for i in range(8, 20):  # push A out of G2, so it can only come from G3
+            node.write(make_blocks(1, seed=200 + i), [i])
+        assert node.manager.lookup(a).tiers == (G3,) * 8
+        failing.bad_slots = {2}  # A2's slot: a bad sector
+
+        def onboard_a() -> tuple[list[int], set[int]]:
+            """Onboard A into G1 blocks 0-7; returns the blocks not planned (the engine
+            computes them) and those left without A's bytes (load errors or not planned)."""
+            for layer in node.layers:
+                layer[:8] = 0
+            plan = node.manager.onboard(a, list(range(8)))
+            node.run(plan.jobs)
+            return plan.missing_block_ids.tolist(), {i for i in range(8) if not node.holds(i, a.hashes[i])}
+
+        assert onboard_a() == ([], {2})  # a load error: recomputed, but A2 stays indexed
+        assert node.manager.lookup(a).num_blocks == 8
+        assert onboard_a() == ([], {2})  # failed again: dropped from G3
+        assert node.manager.lookup(a).num_blocks == 2 and node.manager.lookup(a, start=2).num_blocks == 0
+        assert node.manager.lookup(a, start=3).num_blocks == 5
+        g3 = node.manager.stats().tier(G3)
+        assert (g3.dropped_after_read_errors, g3.io_errors, g3.checksum_mismatches) == (1, 2, 0)
+        assert onboard_a() == ([2], {2})  # the engine computes A2; every other block is intact
+        assert node.manager.stats().tier(G3).dropped_after_read_errors == 1
+    finally:
+        node.close()

@@ -29,7 +29,7 @@ def test_write_through_demotes_under_a_lease_and_serves_from_g3(tmp_path: Path, 
     [demote] = mgr.take_jobs()
     assert (demote.src, demote.dst, demote.hashes) == (G2, G3, blocks.hashes[:4])
     assert demote.src_ids.tolist() == [0, 1, 2, 3] and demote.dst_ids.tolist() == [0, 1, 2, 3]
-    assert demote.expected_checksums is None  # G2 reads are not verified by default
+    assert demote.expected_checksums is not None  # G2 reads are verified by default
     # Until the demotion completes its G2 slots stay leased: a new store finds no room.
     assert mgr.stats().tier(G2).pinned_blocks == 4
     assert mgr.blocks_computed(blocks[4:6], [4, 5]) == []

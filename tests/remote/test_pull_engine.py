@@ -134,18 +134,72 @@ def test_deadline_fails_the_job_and_releases_the_read(setup):
     assert transport.sent == [(AgentName("src/1"), notices.done([LeaseId(5)]))]  # ... then sent
 
 
-def test_a_refused_release_is_retained_and_retried(setup):
+def polls_until_released(engine: PullEngine, transport: FakeTransport, polls: int) -> None:
+    """Poll ``polls`` times while the release is refused: no result, the job still in flight."""
+    for _ in range(polls):
+        assert engine.poll() == []
+        assert engine.in_flight == 1 and engine.counters().handles_retained == 1
+        assert transport.released == []
+
+
+def test_a_failed_read_whose_release_is_refused_reports_only_once_released(setup):
+    engine, transport, _, _ = setup
+    transport.finish_reads = False
+    job = engine.submit(grant_of(transport, [1, 2]), Tier.G2, [1, 2], metadata=METADATA)
+    transport.fail_reads = RemoteError(FailureKind.NIXL_ERROR, "read broke")  # posted, then broke
+    transport.refuse_release = 4  # at the failure, then the same poll's retry, then two polls
+    polls_until_released(engine, transport, 3)
+    [result] = engine.poll()
+    assert result.job_id == job and result.failed.tolist() == [0, 1]
+    assert kind_of(result.reason) is FailureKind.NIXL_ERROR
+    assert transport.released == transport.reads and engine.in_flight == 0
+    assert engine.poll() == [] and engine.close() == []
+    counters = engine.counters()
+    assert (counters.jobs_failed, counters.blocks_failed, counters.failures) == (1, 2, {"nixl_error": 1})
+    assert counters.handles_retained == 0
+
+
+def test_a_deadline_whose_release_is_refused_reports_only_once_released(setup):
     engine, transport, clock, _ = setup
     transport.finish_reads = False
     transport.refuse_release = 3
-    engine.submit(grant_of(transport, [2]), Tier.G2, [4], metadata=METADATA)
+    job = engine.submit(grant_of(transport, [2]), Tier.G2, [4], metadata=METADATA)
+    assert engine.poll() == []
     clock.now += 3
-    [result] = engine.poll()  # release refused when the job fails, and on the retry ...
-    assert not result.ok and engine.counters().handles_retained == 1
-    engine.poll()  # ... and once more on the retry
-    assert engine.counters().handles_retained == 1
-    engine.poll()
-    assert engine.counters().handles_retained == 0 and transport.released == transport.reads
+    polls_until_released(engine, transport, 2)  # refused at the deadline, on its retry, then once more
+    [result] = engine.poll()
+    assert result.job_id == job and result.failed.tolist() == [0]
+    assert kind_of(result.reason) is FailureKind.DEADLINE
+    assert transport.released == transport.reads and engine.in_flight == 0
+    assert engine.counters().jobs_failed == 1 and engine.poll() == []
+
+
+def test_a_complete_read_whose_release_is_refused_reports_ok_once_released(setup):
+    engine, transport, _, buf = setup
+    transport.refuse_release = 2  # inside submit, then the first poll's retry
+    job = engine.submit(grant_of(transport, [3]), Tier.G2, [0], metadata=METADATA)
+    polls_until_released(engine, transport, 1)
+    [result] = engine.poll()
+    assert result.job_id == job and result.ok
+    np.testing.assert_array_equal(buf.rows[0], transport.peer_buffer.rows[3])
+    assert engine.counters().jobs_ok == 1 and engine.in_flight == 0
+
+
+def test_close_returns_a_result_whose_release_is_still_refused(setup):
+    engine, transport, clock, _ = setup
+    transport.finish_reads = False
+    transport.refuse_release = 100
+    waiting = engine.submit(grant_of(transport, [2]), Tier.G2, [4], metadata=METADATA)
+    clock.now += 3
+    assert engine.poll() == []
+    running = engine.submit(grant_of(transport, [1], LeaseId(6)), Tier.G2, [1], metadata=METADATA)
+    results = engine.close()
+    assert {r.job_id: kind_of(r.reason) for r in results} == {
+        waiting: FailureKind.DEADLINE,
+        running: FailureKind.CLOSED,
+    }
+    counters = engine.counters()
+    assert counters.in_flight == 0 and counters.handles_retained == 2 and counters.jobs_failed == 2
 
 
 def test_heartbeats_cover_running_jobs_and_held_grants(setup):
