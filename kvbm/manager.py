@@ -400,7 +400,8 @@ class BlockManager:
         if unreadable:
             dropped = self._index(pending.tier).discard(unreadable)
             self._counters[pending.tier].dropped_after_read_errors += dropped
-            self._drops.report(dropped, f"{pending.tier.name}: {READS_BEFORE_DROP} failed reads in a row")
+            if dropped:
+                self._drops.report(dropped, f"{pending.tier.name}: {READS_BEFORE_DROP} failed reads in a row")
 
     def _index(self, tier: Tier) -> TierIndex:
         return next(t for t in self._tiers if t.tier is tier)

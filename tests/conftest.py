@@ -60,7 +60,16 @@ def make_engine() -> Iterator[Callable[[EngineSettings], object]]:
     def make(settings: EngineSettings):
         while live:
             _shutdown(live.pop())
-        llm = LLM(**settings.llm_kwargs())
+        try:
+            llm = LLM(**settings.llm_kwargs())
+        except Exception:
+            # An engine that failed after its workers came up (e.g. the scheduler-side
+            # connector refused the config) leaves their KV connector registered
+            # process-wide, and the next engine would take it over.
+            from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
+            ensure_kv_transfer_shutdown()
+            raise
         live.append(llm)
         return llm
 

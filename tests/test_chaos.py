@@ -30,6 +30,9 @@ from kvbm.tiers import disk_store
 pytestmark = pytest.mark.slow
 
 SEEDS = [int(s) for s in os.environ.get("KVBM_CHAOS_SEEDS", "11,12").split(",")]
+# Each seed with kvbm's defaults; the first also with synchronous loads (``sync_loads``), whose
+# failures come after a step computed on them.
+RUNS = [(seed, False) for seed in SEEDS] + [(SEEDS[0], True)]
 STEPS = 300
 MAX_TOKENS = 32
 BIG_G1 = dict(max_model_len=2048, dtype="float32")
@@ -91,9 +94,9 @@ def reference(make_engine, tiny_model):
     return dict(zip(prompts, (list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy(MAX_TOKENS)))))
 
 
-def chaos_engine(make_engine, tiny_model, g3_dir):
+def chaos_engine(make_engine, tiny_model, g3_dir, sync_loads: bool):
     extra = {"g2_capacity_blocks": 96, "g3_dir": str(g3_dir), "g3_capacity_bytes": "32MiB",
-             "verify_g2_reads": True, "transfer_thread": False, "async_load_min_blocks": 2}
+             "transfer_thread": False, "sync_loads": sync_loads, "async_load_min_blocks": 2}
     config = {"kv_connector": "TransientFaultConnector", "kv_connector_module_path": "fault_connectors",
               "kv_role": "kv_both", "kv_connector_extra_config": extra}
     return make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, num_gpu_blocks_override=40,
@@ -104,12 +107,13 @@ def connector_stats(llm) -> dict:
     return llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_no_transient_fault_leaves_a_wrong_token(make_engine, tiny_model, reference, tmp_path, monkeypatch, seed):
+@pytest.mark.parametrize("seed, sync_loads", RUNS, ids=[f"{s}-{'sync' if y else 'async'}" for s, y in RUNS])
+def test_no_transient_fault_leaves_a_wrong_token(make_engine, tiny_model, reference, tmp_path, monkeypatch,
+                                                 seed, sync_loads):
     flaky = FlakyOs(seed, rate=0.15)
     monkeypatch.setattr(disk_store, "os", flaky)
     FAULTS.reset(seed, load_rate=0.6, store_rate=0.05)
-    llm = chaos_engine(make_engine, tiny_model, tmp_path / "g3")
+    llm = chaos_engine(make_engine, tiny_model, tmp_path / "g3", sync_loads)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     prompts, events = workload(seed)

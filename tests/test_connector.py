@@ -123,7 +123,7 @@ def generate_beside_a_running_request(llm, prompts) -> list:
 
 def test_large_loads_are_asynchronous_only_beside_running_requests(make_engine, tiny_model, reference):
     llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
-                                     kv_transfer_config=kvbm_config(async_load_min_blocks=2)))
+                                     kv_transfer_config=kvbm_config(sync_loads=True, async_load_min_blocks=2)))
     assert tokens(llm.generate(PROMPTS, greedy())) == reference
     modes = record_load_modes(llm)
     onboarded = g2_stats(llm)["blocks_onboarded"]

@@ -83,9 +83,11 @@ def faults():
     FAULTS.reset()
 
 
-def test_a_transient_partial_load_failure_stores_nothing_computed_on_it(make_engine, tiny_model, reference, faults):
-    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=kvbm_config("TransientFaultConnector"),
-                                     **SMALL_G1))
+@pytest.mark.parametrize("sync_loads", [True, False], ids=["sync-loads", "async-loads"])
+def test_a_transient_partial_load_failure_stores_nothing_computed_on_it(make_engine, tiny_model, reference, faults,
+                                                                       sync_loads):
+    config = kvbm_config("TransientFaultConnector", sync_loads=sync_loads)
+    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, **SMALL_G1))
     tokenizer = llm.get_tokenizer()
     assert all(len(tokenizer(d)["input_ids"]) >= 6 * BLOCK for d in DOCS)
     assert all(len(tokenizer(e)["input_ids"]) >= len(tokenizer(d)["input_ids"]) + 2 * BLOCK

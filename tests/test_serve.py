@@ -356,5 +356,6 @@ def test_prefill_worker_killed_mid_stream_requests_complete_or_fail_cleanly(serv
         assert text_of(post(served.url, "/v1/completions", completion_body(LONG_PROMPTS[1], stream))) == expected
     snapshot = stats_of(served.url)
     dead = next(w for w in snapshot["workers"] if w["id"] == prefill.id)
-    assert not dead["healthy"] and "error" in dead["block_stats"]
+    # Its stats endpoint fails, or (once the probe saw its process end) it is no longer asked.
+    assert not dead["healthy"] and (dead["block_stats"] is None or "error" in dead["block_stats"])
     assert sum(hops.get("aggregated", 0) for hops in snapshot["routing"].values()) >= 2

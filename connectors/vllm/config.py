@@ -33,9 +33,15 @@ class ConnectorConfig:
 
     Attributes:
         kvbm: the block manager's settings.
-        async_load_min_blocks: while other requests run, loads of at least this many blocks
-            run asynchronously (the request waits while the others go on); smaller loads, and
-            every load on an otherwise idle engine, finish before the step's forward pass.
+        sync_loads: let loads finish before the forward pass of the step that computes on
+            them (saves a step or two of time to first token) when they are small or the engine
+            is otherwise idle. Off by default: a block that fails such a load has already been
+            computed on, and vLLM keeps what that step computed in its own prefix cache until
+            the request writes it again (see the README's Integrity section). Asynchronous
+            loads are rewound before anything computes on them.
+        async_load_min_blocks: with ``sync_loads``, loads of at least this many blocks still
+            run asynchronously while other requests run (the request waits while the others
+            go on); smaller loads, and every load on an otherwise idle engine, are synchronous.
         load_failure: what vLLM does after a failed load; None: recompute, unless vLLM's
             ``kv_load_failure_policy`` says so already (see :func:`resolve_load_failure`).
         stats_port: port of the worker's JSON/Prometheus stats endpoint; None: no endpoint.
@@ -48,6 +54,7 @@ class ConnectorConfig:
     """
 
     kvbm: KvbmConfig
+    sync_loads: bool = False
     async_load_min_blocks: int = 64
     load_failure: LoadFailurePolicy | None = None
     stats_port: int | None = None
@@ -56,6 +63,8 @@ class ConnectorConfig:
 
     def __post_init__(self) -> None:
         _check_int("async_load_min_blocks", self.async_load_min_blocks, 1)
+        if not isinstance(self.sync_loads, bool):
+            raise ConfigError("sync_loads", f"expected a bool, got {self.sync_loads!r}")
         if self.stats_port is not None:
             _check_int("stats_port", self.stats_port, 0)
             if self.stats_port > 65535:

@@ -32,7 +32,6 @@ from vllm.v1.request import RequestStatus
 
 from kvbm.hashing import BlockHasher, HashedBlocks
 from kvbm.ids import JobId, Tier
-from kvbm.jobs import JobResult
 from kvbm.manager import BlockManager
 from kvbm.policy import OffloadPolicy
 from kvbm.remote.publication import Publication
@@ -48,6 +47,7 @@ from kvbm.connectors.vllm.metadata import (
     RequestLoad,
 )
 from kvbm.connectors.vllm.request_extras import block_extras
+from kvbm.connectors.vllm.suspect_blocks import SuspectBlocks
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -58,6 +58,10 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+
+# A prefill that ends like this has no answer to carry a handoff: holding its blocks would
+# only keep them from vLLM until the lease ends.
+_NO_HANDOFF = (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
 
 
 @dataclasses.dataclass
@@ -71,24 +75,12 @@ class _RequestState:
     handoff: Handoff | None = None  # a remote prefill's blocks to pull, until tried
     remote_end: int = 0  # end (in blocks) of the handed-off prefix this step's match uses
     load_async: bool = False  # the planned load runs asynchronously
+    load_block_ids: tuple[int, ...] = ()  # engine blocks the last planned load fills
+    load_failed: bool = False  # a load of this request failed: it computes the rest itself
     # An asynchronous load (or pull) is in flight and vLLM has not been told it ended: vLLM
     # itself keeps the blocks of such a request when it is aborted, until finished_recving.
     loading: bool = False
     jobs: set[JobId] = dataclasses.field(default_factory=set)  # unfinished loads and stores
-
-
-@dataclasses.dataclass(frozen=True)
-class _PlannedStore:
-    """An offload of blocks a step computes, until its result arrives.
-
-    The blocks were computed on top of the request's first ``depends_on`` engine blocks: if
-    one of those fails to load in that step, what the step computed is wrong, and the store
-    must not commit.
-    """
-
-    req_id: str
-    depends_on: int
-    num_blocks: int
 
 
 class SchedulerSide:
@@ -106,8 +98,7 @@ class SchedulerSide:
             fingerprint=fingerprint, g1_on_host=vllm_config.device_config.device_type == "cpu")
         self._requests: dict[str, _RequestState] = {}
         self._job_owner: dict[JobId, str] = {}
-        self._planned_stores: dict[JobId, _PlannedStore] = {}
-        self._tainted: set[JobId] = set()  # stores computed on a failed load: never committed
+        self._suspect = SuspectBlocks()  # blocks that may derive from a failed load
         self._running: set[str] = set()  # requests the last step ran, less those finished since
         self._step = KvbmConnectorMetadata()
         self._stats = self._manager.stats()
@@ -139,7 +130,10 @@ class SchedulerSide:
         # Leave at least one prompt token to compute: vLLM needs logits for the next token.
         limit = (request.num_tokens - 1) // bs
         start = num_computed_tokens // bs
-        if limit <= start:
+        if limit <= start or state.load_failed:
+            # A load is tried once per request, like a pull: after a failure vLLM may ask
+            # again (it drops a request's blocks when nothing before the failed one loaded),
+            # and a fault that persists would make it load and fail forever.
             return 0, False
         match = self._manager.lookup(self._blocks(state, limit)[:limit], start)
         state.load_start, state.local_blocks = start, match.num_blocks
@@ -147,7 +141,7 @@ class SchedulerSide:
         state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
         blocks = max(match.num_blocks, state.remote_end - start)
         # Decided once here: vLLM parks the request (WAITING_FOR_REMOTE_KVS) on this answer.
-        state.load_async = self._load_async(request.request_id, blocks) or state.remote_end > 0
+        state.load_async = blocks > 0 and (self._load_async(request.request_id, blocks) or state.remote_end > 0)
         return blocks * bs, state.load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -159,6 +153,8 @@ class SchedulerSide:
             return
         start, count = state.load_start, num_external_tokens // self._block_size
         block_ids = blocks.get_block_ids()[0][start : start + count]
+        self._suspect.loaded(block_ids)
+        state.load_block_ids = tuple(block_ids)
         local = min(count, state.local_blocks)
         jobs: list = []
         missing: list[int] = []
@@ -181,11 +177,13 @@ class SchedulerSide:
     def _load_async(self, req_id: str, blocks: int) -> bool:
         """Whether a local (G2/G3) load of ``blocks`` runs asynchronously.
 
-        A large load runs asynchronously so the requests already running are not stalled for
-        it. With none running nobody waits, and a load finished before the forward pass saves
-        the request the steps an asynchronous one costs (vLLM schedules it only after a later
-        step reports the load done): on an idle engine every local load is synchronous.
+        Every load, unless ``sync_loads`` is set: then a large load runs asynchronously so the
+        requests already running are not stalled for it, and the others finish before the
+        forward pass, which saves the request the steps an asynchronous one costs (vLLM
+        schedules it only after a later step reports the load done).
         """
+        if not self._config.sync_loads:
+            return True  # fail closed: vLLM rewinds a failed asynchronous load before any compute
         return blocks >= self._config.async_load_min_blocks and bool(self._running - {req_id})
 
     # -- per-step metadata -----------------------------------------------------------------
@@ -220,7 +218,11 @@ class SchedulerSide:
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         if output.invalid_block_ids:
-            self._taint_stores(output.invalid_block_ids)
+            invalid = output.invalid_block_ids
+            self._suspect.loads_failed(invalid, (s.block_ids for s in self._requests.values()))
+            for state in self._requests.values():
+                if state.load_block_ids and not invalid.isdisjoint(state.load_block_ids):
+                    state.load_failed = True
         for req_id in output.finished_recving or ():
             state = self._requests.get(req_id)
             if state is not None:
@@ -230,11 +232,11 @@ class SchedulerSide:
             self._side_channel = worker_meta.side_channel or self._side_channel
             self._remote_stats = worker_meta.remote or self._remote_stats
             for result in worker_meta.results:
-                store = self._planned_stores.pop(result.job_id, None)
-                if store is not None and result.job_id in self._tainted:
-                    self._tainted.discard(result.job_id)
-                    result = _computed_on_failed_load(result, store.num_blocks)
+                result, tainted = self._suspect.settle(result)
                 self._manager.complete(result)
+                if tainted is not None and (owner := self._requests.get(tainted.req_id)) is not None:
+                    # Offer those blocks again once computed right (this reservation held them).
+                    owner.offered = min(owner.offered, tainted.first)
                 if result.reason:
                     logger.warning("kvbm job %d failed for %d blocks: %s",
                                    result.job_id, len(result.failed), result.reason)
@@ -279,25 +281,6 @@ class SchedulerSide:
     def has_pending_jobs(self) -> bool:
         return bool(self._job_owner)
 
-    # -- integrity ---------------------------------------------------------------------------
-
-    def _taint_stores(self, invalid_block_ids: set[int]) -> None:
-        """Stores of blocks computed on top of engine blocks that failed to load must not commit.
-
-        vLLM reports a step's load failures (``invalid_block_ids``) in that step's output, before
-        any of the stores planned for it can have reported a result, and rewinds the affected
-        requests to their first failed block. A store whose request's blocks up to the stored
-        ones include a failed block was computed from wrong KV: its result is turned into a
-        failure. Older stores cannot depend on blocks loaded this step (those are fresh blocks
-        of the loading request), so at worst one is given up needlessly.
-        """
-        for job_id, store in self._planned_stores.items():
-            state = self._requests.get(store.req_id)
-            if state is None or job_id in self._tainted:
-                continue
-            if not invalid_block_ids.isdisjoint(state.block_ids[: store.depends_on]):
-                self._tainted.add(job_id)
-
     def shutdown(self) -> None:
         """Flushes G3's index and releases its directory."""
         self._manager.close()
@@ -307,7 +290,7 @@ class SchedulerSide:
     def _hold_for_decode(self, request: Request, state: _RequestState,
                          block_ids: list[int]) -> dict[str, Any] | None:
         """Prefill side: hold the prompt's full blocks for a decode worker; the handoff params."""
-        if not wants_handoff(request.kv_transfer_params) or request.status == RequestStatus.FINISHED_ABORTED:
+        if not wants_handoff(request.kv_transfer_params) or request.status in _NO_HANDOFF:
             return None
         if self._side_channel is None:
             logger.warning("kvbm: request %s asks for a remote decode but this worker has no remote "
@@ -317,6 +300,7 @@ class SchedulerSide:
         # A decode computes at least one prompt token itself, as here (see get_num_new_matched_tokens).
         count = min((request.num_prompt_tokens - 1) // self._block_size, len(block_ids),
                     request.num_computed_tokens // self._block_size)
+        count = self._suspect.clean_prefix(block_ids, count)  # never hand off KV that may be wrong
         if count < 1:
             return dict(NOTHING_HANDED_OFF)
         hashes = self._blocks(state, count).hashes[:count]
@@ -360,17 +344,25 @@ class SchedulerSide:
         # vLLM rewinds a request whose load failed (or that was preempted): blocks from there
         # on are computed again, and offered again once they are.
         state.offered = min(state.offered, computed // bs)
+        self._suspect.written(state.block_ids, computed // bs, -(-(computed + scheduled) // bs))
         # Speculative (draft) tokens, and on GPU async scheduling's placeholder, count as
         # scheduled but are not the request's tokens yet: only blocks of real tokens are offered.
         full = min((computed + scheduled) // bs, state.request.num_tokens // bs, len(state.block_ids))
         if full <= state.offered:
             return
-        blocks = self._blocks(state, full)
-        jobs = self._manager.blocks_computed(blocks[state.offered : full], state.block_ids[state.offered : full])
-        state.offered = full
+        first, state.offered = state.offered, full
+        self._offer(req_id, state, state.block_ids, first, full, self._manager.blocks_computed)
+
+    def _offer(self, req_id: str, state: _RequestState, table: list[int], first: int, full: int, offer) -> None:
+        """Offer blocks ``first..full`` of a request (``table``: its engine blocks) through
+        ``offer``, up to the first that may derive from a failed load."""
+        end = self._suspect.clean_prefix(table, full)
+        if end <= first:
+            return
+        jobs = offer(self._blocks(state, end)[first:end], table[first:end])
         self._own(req_id, state, jobs)
         for job in jobs:
-            self._planned_stores[job.job_id] = _PlannedStore(req_id, full, job.num_blocks)
+            self._suspect.planned(job.job_id, req_id, table[:end], first, job.num_blocks)
         self._step.stores.extend((req_id, job) for job in jobs)
 
     def _offer_finished(self, request: Request, state: _RequestState, block_ids: list[int]) -> None:
@@ -383,11 +375,8 @@ class SchedulerSide:
         """
         written = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
         full = min(max(written, 0) // self._block_size, request.num_tokens // self._block_size, len(block_ids))
-        if not full:
-            return
-        jobs = self._manager.blocks_evicting(self._blocks(state, full)[:full], block_ids[:full])
-        self._own(request.request_id, state, jobs)
-        self._step.stores.extend((request.request_id, job) for job in jobs)
+        if full:
+            self._offer(request.request_id, state, list(block_ids), 0, full, self._manager.blocks_evicting)
 
     def _own(self, req_id: str, state: _RequestState, jobs: list) -> None:
         for job in jobs:
@@ -418,12 +407,6 @@ class SchedulerSide:
         else:
             state.blocks = new
         return state.blocks
-
-
-def _computed_on_failed_load(result: JobResult, num_blocks: int) -> JobResult:
-    """``result`` as a failure of every block: their bytes were computed from wrong KV."""
-    return dataclasses.replace(result, failed=np.arange(num_blocks, dtype=np.int64), checksums=None,
-                               reason="computed on top of a block that failed to load")
 
 
 def _configured_side_channel(config: ConnectorConfig) -> str | None:
