@@ -1,6 +1,6 @@
 """TTFT of a long prompt whose prefix kvbm holds in G2, against recompute and a G1 hit.
 
-    python -m bench.connector_ttft [--prompt-tokens 3500] [--repeats 5] [--model bench|tiny]
+    python -m bench.connector_ttft [--prompt-tokens 3500] [--repeats 5] [--model bench|tiny] [--sync-loads]
 
 One process, in-process engines on the ``bench`` model (bf16, block 32; ``--model tiny`` for
 a smoke run), used one after the other (vLLM's process-wide state allows one live engine):
@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(PRESETS), default="bench", help="embedded model preset")
     parser.add_argument("--async-load-min-blocks", type=int, default=None,
                         help="the connector's threshold for asynchronous loads (default: its own)")
+    parser.add_argument("--sync-loads", action="store_true",
+                        help="let loads finish before their step's forward pass (the connector's sync_loads)")
     args = parser.parse_args()
     from vllm import LLM
 
@@ -103,6 +105,8 @@ def main() -> None:
     def kvbm_engine(extra: dict):
         if args.async_load_min_blocks is not None:
             extra = {**extra, "async_load_min_blocks": args.async_load_min_blocks}
+        if args.sync_loads:
+            extra = {**extra, "sync_loads": True}
         settings = EngineSettings(
             model=model, max_model_len=4096, num_gpu_blocks_override=g1_blocks,
             kv_transfer_config={"kv_connector": "KVBMConnector", "kv_role": "kv_both",
