@@ -2,7 +2,8 @@
 
 One figure per part: the micro benchmarks as ratios to their floors (one panel each, the
 goal drawn as a line), the end-to-end comparison (TTFT and throughput per workload) and the
-disaggregated rows (TTFT and inter-token latency). Rows that did not run are left out.
+disaggregated rows (TTFT and inter-token latency), and disaggregated serving under load
+(throughput, TTFT and ITL with the goals' thresholds). Rows that did not run are left out.
 """
 
 from __future__ import annotations
@@ -73,6 +74,37 @@ def disagg(rows: list[dict], path: Path, subtitle: str) -> None:
     _grouped(itl_ax, names, {"p50": [r["itl_p50_ms"] for r in ran], "p99": [r["itl_p99_ms"] for r in ran]})
     itl_ax.set_ylabel("inter-token latency ms")
     itl_ax.set_title("inter-token latency", fontsize=9)
+    fig.suptitle(subtitle, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def disagg_load(panels: list[dict], path: Path, subtitle: str) -> None:
+    """``panels``: one per model and stream count, {"title", "rows", "lines"}: throughput,
+    TTFT p50/p99 and ITL p50/p99 per setup that ran, and each goal's threshold ("lines":
+    figure key -> value or None) drawn as a dashed line."""
+    panels = [p for p in panels if any("error" not in r and "output_tok_s" in r for r in p["rows"])]
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 3, figsize=(14, 3.6 * len(panels)), squeeze=False)
+    for (tput_ax, ttft_ax, itl_ax), panel in zip(axes, panels):
+        ran = [r for r in panel["rows"] if "error" not in r and "output_tok_s" in r]
+        names = [r["name"] for r in ran]
+        tput_ax.bar(range(len(names)), [r["output_tok_s"] for r in ran], color="tab:green")
+        tput_ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
+        tput_ax.set_ylabel("output tokens/s")
+        _grouped(ttft_ax, names, {"p50": [r["ttft_p50_ms"] for r in ran], "p99": [r["ttft_p99_ms"] for r in ran]})
+        ttft_ax.set_ylabel("TTFT ms")
+        _grouped(itl_ax, names, {"p50": [r["itl_p50_ms"] for r in ran], "p99": [r["itl_p99_ms"] for r in ran]})
+        itl_ax.set_ylabel("inter-token latency ms")
+        for ax, key, what, label in ((tput_ax, "output_tok_s", "throughput", "goal: 0.8x kvbm aggregated"),
+                                     (ttft_ax, "ttft_p99_ms", "time to first token", "goal p99: 1.2x kvbm aggregated"),
+                                     (itl_ax, "itl_p99_ms", "inter-token latency", "goal p99: kvbm aggregated")):
+            ax.set_title(f"{panel['title']}: {what}", fontsize=9)
+            if panel["lines"].get(key) is not None:
+                ax.axhline(panel["lines"][key], color="tab:red", linestyle="--", linewidth=1, label=label)
+                ax.legend(fontsize=7)
     fig.suptitle(subtitle, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

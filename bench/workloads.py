@@ -95,3 +95,18 @@ def rag(seed: int, vocab: int, documents: int, doc_tokens: int, questions_per_do
     return Workload("rag", f"{queries} queries over {documents} documents of {doc_tokens} tokens "
                     f"({questions_per_doc} questions of {question_tokens} tokens each), "
                     f"{answer} tokens out", tuple(sessions))
+
+
+def shared_documents(seed: int, vocab: int, documents: int, doc_tokens: int, question_tokens: int,
+                     queries: int, answer: int) -> Workload:
+    """Queries over a few shared documents, taken in turn: query ``i`` is document
+    ``i % documents`` followed by a question of its own, so every document's blocks are
+    shared by ``queries / documents`` prompts and no two prompts are equal (unlike
+    :func:`rag`, whose random draws repeat some whole prompts)."""
+    rng = np.random.default_rng(seed)
+    docs = [_tokens(rng, vocab, doc_tokens) for _ in range(documents)]
+    sessions = tuple((Request(docs[i % documents] + _tokens(rng, vocab, question_tokens), answer, "document"),)
+                     for i in range(queries))
+    return Workload("documents", f"{queries} queries over {documents} shared documents of {doc_tokens} "
+                    f"tokens, each plus a {question_tokens}-token question of its own, {answer} tokens out",
+                    sessions)

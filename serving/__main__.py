@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -57,6 +58,16 @@ def _count(minimum: int):
     return parse
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
 def _json_object(value: str) -> dict:
     try:
         parsed = json.loads(value)
@@ -81,10 +92,15 @@ def _options(args: argparse.Namespace, router: dict) -> ServeOptions:
                         kvbm=args.kvbm_config, g3_dir=args.g3_dir)
 
 
+def router_fields(args: argparse.Namespace) -> dict:
+    """The :class:`RouterConfig` fields the serve command's flags set."""
+    return {"host": args.host, "port": args.port, "admin_token": args.admin_token,
+            "queue_size": args.queue_size, "queue_timeout_s": args.queue_timeout_s}
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        options = _options(args, {"host": args.host, "port": args.port,
-                                  "admin_token": args.admin_token})
+        options = _options(args, router_fields(args))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -202,7 +218,8 @@ def _stack_flags(parser: argparse.ArgumentParser, dtype: str) -> None:
                              "--kvbm-config sets g3_capacity_bytes); a restart on DIR comes back warm")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per command; ``args.run(args)`` runs it."""
     parser = argparse.ArgumentParser(prog="kvbm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000, help="router port (default: 8000)")
     serve.add_argument("--admin-token", default=None,
                        help="bearer token for /admin routes (required off loopback)")
+    defaults = RouterConfig(model_name="any")  # the defaults the flags show
+    serve.add_argument("--queue-size", type=_count(0), default=defaults.queue_size,
+                       help="requests that may wait for a worker when none can take them; one "
+                            f"more gets a 503 at once; 0: no waiting (default: {defaults.queue_size})")
+    serve.add_argument("--queue-timeout-s", type=_seconds, default=defaults.queue_timeout_s,
+                       metavar="SECONDS", help="longest a request waits for a worker before its 503 "
+                                               f"(default: {defaults.queue_timeout_s:g})")
     serve.set_defaults(run=run_serve)
 
     demo = commands.add_parser("demo", help="the serve stack answers a few completions, then stops")
@@ -223,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     model = commands.add_parser("model", help="build the embedded model, print its directory")
     model.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     model.set_defaults(run=run_model)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.run(args)
 
 

@@ -1,6 +1,10 @@
 """Sends one validated request through the workers: aggregated, or prefill then decode.
 
 Contract (see DESIGN.md, "Disaggregated flow"):
+    0. While no decode-capable worker (DECODE or AGGREGATED) can take the request, it waits
+       in the :class:`~kvbm.serving.admission.AdmissionQueue` (bounded in size and time; a
+       503 when full or timed out), before the prefill hop and again before the final hop
+       if the one it had left meanwhile.
     1. When an ACTIVE, healthy prefill worker and a decode-capable worker (DECODE or
        AGGREGATED) are both up, the request first goes to the prefill worker (chosen by
        KV-prefix overlap, then load) with ``max_tokens=1``, ``stream=false`` and
@@ -15,11 +19,15 @@ Contract (see DESIGN.md, "Disaggregated flow"):
        A worker's own 4xx passes through unchanged. A lost connection is not enough to
        take a worker out: unless its ``/health`` is refused or fails it stays in rotation and
        may take the retry (with one decode worker, one reset connection would otherwise fail
-       every request until the probe brought the worker back).
+       every request until the probe brought the worker back). Nor is a timeout when no other
+       worker can take its hops (late is not dead, see health.py); the request is not retried
+       on it then.
     3. Streams are relayed chunk by chunk; if the worker breaks mid-stream the client gets
        a final SSE ``error`` event (its status line is already sent).
     4. Every hop is bracketed by ``WorkerPool.acquire``/``release``, also on failure and on
-       client disconnect, so drains see exact in-flight counts.
+       client disconnect, so drains see exact in-flight counts. Every answer below 500 and
+       every relayed stream chunk is recorded as the worker's progress
+       (``WorkerPool.progressed``: one timestamp, no parsing), which the health probe weighs.
     5. When the prefill handed off blocks (a kvbm ``Handoff`` in its ``kv_transfer_params``)
        and no decode worker accepted the request (its final answer is not 2xx, every try
        failed, none could take it, or the client went away first), the router sends the
@@ -47,16 +55,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvbm.connectors.vllm.handoff import Handoff
 from kvbm.remote import exchange
+from kvbm.serving.admission import AdmissionQueue
 from kvbm.serving.health import Health, check_health
 from kvbm.serving.router_stats import ErrorKind, Hop, RouterStats
 from kvbm.serving.router_validation import Endpoint, RequestError
 from kvbm.serving.routing import (PublishedHashes, choose_by_load, choose_prefill,
                                   no_published_hashes)
-from kvbm.serving.workers import Worker, WorkerPool, WorkerRole
+from kvbm.serving.workers import DECODE_ROLES, Worker, WorkerPool, WorkerRole
 
 logger = logging.getLogger(__name__)
 PromptHashes = Callable[[dict], Sequence[Hashable]]
-DECODE_ROLES = (WorkerRole.DECODE, WorkerRole.AGGREGATED)
 MAX_ATTEMPTS = 2  # the first try and one retry
 HEALTH_CHECK_S = 2.0
 # A connection the worker closed or reset under the request: a keep-alive connection it timed
@@ -83,18 +91,23 @@ class Forwarder:
         prompt_hashes: request body -> the prompt's chained block hashes.
         published: worker id -> the block hashes that worker holds.
         clock: monotonic seconds (tests may inject one).
+        admission: where requests wait for a worker; None: they get a 503 at once.
     """
 
     def __init__(self, pool: WorkerPool, stats: RouterStats, client: httpx.AsyncClient,
                  prompt_hashes: PromptHashes = no_prompt_hashes,
                  published: PublishedHashes = no_published_hashes,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 admission: AdmissionQueue | None = None) -> None:
         self._pool = pool
         self._stats = stats
         self._client = client
         self._prompt_hashes = prompt_hashes
         self._published = published
         self._clock = clock
+        if admission is None:  # no waiting room: the request that no worker can take fails
+            admission = AdmissionQueue(pool, stats, size=0, timeout_s=0.0)
+        self._admission = admission
         self._releases: set[asyncio.Future] = set()
         self._release_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -102,12 +115,14 @@ class Forwarder:
         """Answers one validated request (see the module contract).
 
         Raises:
-            RequestError: 503 when no worker can take it, 502 when the tried ones failed.
+            RequestError: 503 when no worker could take it within the admission queue's
+                room and timeout, 502 when the tried ones failed.
         """
         body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
         hop = Hop.AGGREGATED
+        await self._admission.wait(DECODE_ROLES)  # a prefill hop is wasted without a decode
         prefill_candidates = self._pool.candidates([WorkerRole.PREFILL])
-        if prefill_candidates and self._pool.candidates(DECODE_ROLES):
+        if prefill_candidates:
             # Tokenizing costs the request time; with one candidate there is nothing to choose.
             hashes = self._prompt_hashes(body) if len(prefill_candidates) > 1 else ()
             prefill = choose_prefill(prefill_candidates, hashes, self._published)
@@ -140,7 +155,7 @@ class Forwarder:
                 RELEASE_THREADS, thread_name_prefix="kvbm-router-release")
         future = asyncio.get_running_loop().run_in_executor(
             self._release_pool, exchange.request_release, handoff.source, (handoff.last_hash,),
-            RELEASE_TIMEOUT_S)
+            RELEASE_TIMEOUT_S, handoff.grant.lease_id if handoff.grant is not None else None)
         self._releases.add(future)
         future.add_done_callback(lambda done: self._released(handoff, done))
 
@@ -174,6 +189,8 @@ class Forwarder:
             self._pool.release(worker)
         if reply.status_code >= 500:
             self._pool.mark(worker, healthy=False, reason=f"prefill answered HTTP {reply.status_code}")
+        else:
+            self._pool.progressed(worker, self._clock())
         if reply.status_code >= 400:
             self._stats.count_error(ErrorKind.PREFILL_FAILED)
             return body
@@ -193,6 +210,8 @@ class Forwarder:
         excluded: list[str] = []
         reasons: list[str] = []
         for attempt in range(MAX_ATTEMPTS):
+            if not tried:  # the decode worker seen before the prefill hop may have left since
+                await self._admission.wait(DECODE_ROLES)
             worker = choose_by_load(self._pool.candidates(DECODE_ROLES, exclude=excluded))
             if worker is None:
                 break
@@ -209,18 +228,23 @@ class Forwarder:
                 return response
             self._stats.count_error(ErrorKind.WORKER_FAILED)
             reasons.append(f"{worker.id} ({worker.url}): {type(failure).__name__}: {failure}")
-            if not await self._failed(worker, failure):
+            stays = await self._failed(worker, failure)
+            # A worker that stays in rotation after a timeout does not get the request again:
+            # it would wait as long a second time.
+            if not stays or isinstance(failure, httpx.TimeoutException):
                 excluded.append(worker.id)
-        if not tried:
-            self._stats.count_error(ErrorKind.NO_WORKER)
-            raise RequestError(503, "no healthy worker can take this request",
-                               "no_worker", type_="service_unavailable")
         raise RequestError(502, "worker(s) failed before answering: " + "; ".join(reasons),
                            "worker_failed", type_="bad_gateway")
 
     async def _failed(self, worker: Worker, failure: Exception) -> bool:
         """Takes a worker that failed a request out of rotation, unless it only lost the
-        connection and its ``/health`` is not refused; True when it stays in."""
+        connection and its ``/health`` is not refused, or it was late and no other worker can
+        take its hops; True when it stays in."""
+        if isinstance(failure, httpx.TimeoutException) and not self._pool.alternatives(worker):
+            logger.warning("worker %s (%s) timed out (%s: %s) but no other worker can take its "
+                           "requests; it stays in rotation", worker.id, worker.url,
+                           type(failure).__name__, failure)
+            return True  # late is not dead: the probe takes it out only when it is down
         if (isinstance(failure, CONNECTION_LOST)
                 and await check_health(self._client, worker, HEALTH_CHECK_S) is not Health.DOWN):
             logger.warning("worker %s (%s) lost a connection (%s: %s) but is not down; it stays in "
@@ -247,7 +271,9 @@ class Forwarder:
             self._pool.release(worker)
         if reply.status_code >= 500:
             return None, _Failed(f"HTTP {reply.status_code}")
-        self._stats.record_ttft(self._clock() - received_at)
+        now = self._clock()
+        self._pool.progressed(worker, now)
+        self._stats.record_ttft(now - received_at)
         return self._passthrough(reply, reply.content), None
 
     async def _stream(self, worker: Worker, endpoint: Endpoint, body: dict,
@@ -261,6 +287,7 @@ class Forwarder:
             if reply.status_code >= 400:
                 content = await reply.aread()
                 await reply.aclose()
+                self._pool.progressed(worker, self._clock())
                 self._pool.release(worker)
                 return self._passthrough(reply, content), None
             chunks = reply.aiter_raw()
@@ -272,7 +299,9 @@ class Forwarder:
                 await reply.aclose()
             self._pool.release(worker)
             return None, error
-        self._stats.record_ttft(self._clock() - received_at)
+        now = self._clock()
+        self._pool.progressed(worker, now)
+        self._stats.record_ttft(now - received_at)
         return StreamingResponse(self._relay(worker, reply, chunks, first),
                                  status_code=reply.status_code,
                                  media_type=reply.headers.get("content-type", "text/event-stream")), None
@@ -283,11 +312,12 @@ class Forwarder:
             yield first
             last = self._clock()
             async for chunk in chunks:
+                now = self._clock()
+                self._pool.progressed(worker, now)
                 # TCP may coalesce several SSE events into one chunk (or split one event):
                 # spread the gap over the token events the chunk completes.
                 events = chunk.count(b"data: ") - chunk.count(b"data: [DONE]")
                 if events:
-                    now = self._clock()
                     for _ in range(events):
                         self._stats.record_itl((now - last) / events)
                     last = now

@@ -1,7 +1,9 @@
 """The OpenAI-compatible router: HTTP routes, admin API, health probe, and a runner.
 
 Routes:
-    POST /v1/completions, /v1/chat/completions   validated, then forwarded (see forwarding.py)
+    POST /v1/completions, /v1/chat/completions   validated, then forwarded (see forwarding.py);
+                                                 while no worker can take one it waits in
+                                                 the admission queue (admission.py)
     GET  /v1/models, /health
     GET  /stats (JSON), /metrics (Prometheus)    the router's own figures and every worker's
                                                  block-pool stats (see router_stats.py)
@@ -45,6 +47,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from kvbm.serving.admission import AdmissionQueue
 from kvbm.serving.forwarding import Forwarder, PromptHashes, error_response, no_prompt_hashes
 from kvbm.serving.health import ProbeVerdicts, check_health
 from kvbm.serving.router_config import RouterConfig
@@ -81,6 +84,8 @@ class Router:
         self.config = config
         self.pool = WorkerPool()
         self.stats = RouterStats(config.latency_window)
+        self.admission = AdmissionQueue(self.pool, self.stats, config.queue_size,
+                                        config.queue_timeout_s)
         self._prompt_hashes = prompt_hashes
         self._published = published
         self._launcher = launcher
@@ -120,7 +125,7 @@ class Router:
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             self._client = client
             self._forwarder = Forwarder(self.pool, self.stats, client, self._prompt_hashes,
-                                        self._published, self._clock)
+                                        self._published, self._clock, self.admission)
             self._spawn(self._probe_forever(client))
             try:
                 yield
@@ -140,7 +145,7 @@ class Router:
 
     async def _probe_forever(self, client: httpx.AsyncClient) -> None:
         timeout = min(HEALTH_PROBE_TIMEOUT_S, self.config.health_interval_s)
-        verdicts = ProbeVerdicts(self.pool)
+        verdicts = ProbeVerdicts(self.pool, clock=self._clock)
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             workers = [w for w in self.pool.all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 
 LOOPBACK_HOSTS = frozenset({"localhost"})
 
@@ -40,6 +41,10 @@ class RouterConfig:
             drain call waits.
         health_interval_s: period of the background ``/health`` probe of every worker.
         latency_window: how many recent TTFT/ITL samples the percentiles are taken over.
+        queue_size: most requests that wait at once for a worker when none can take them
+            (none healthy, all draining, none registered); one more gets a 503 at once.
+            0: no waiting, a 503 at once.
+        queue_timeout_s: longest a request waits there before its 503.
     """
 
     model_name: str
@@ -51,6 +56,8 @@ class RouterConfig:
     request_timeout_s: float = 120.0
     health_interval_s: float = 2.0
     latency_window: int = 10_000
+    queue_size: int = 256
+    queue_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -69,7 +76,11 @@ class RouterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("request_timeout_s", "health_interval_s"):
+        size = self.queue_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"queue_size must be an integer >= 0, got {self.queue_size!r}")
+        for name in ("request_timeout_s", "health_interval_s", "queue_timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+                    or not math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -31,7 +31,7 @@ class ErrorKind(enum.Enum):
 
     INVALID_REQUEST = "invalid_request"    # 4xx from validation
     UNAUTHORIZED = "unauthorized"          # admin route without the token
-    NO_WORKER = "no_worker"                # 503: nobody to send it to
+    NO_WORKER = "no_worker"                # 503: nobody to send it to (queue full or timed out)
     WORKER_FAILED = "worker_failed"        # connection refused / 5xx / timeout at a worker
     UPSTREAM_4XX = "upstream_4xx"          # the worker itself refused the request
     STREAM_BROKEN = "stream_broken"        # the worker failed after bytes reached the client
@@ -67,6 +67,12 @@ class RouterStats:
         # Prefill holds the router ended because no decode worker accepted the request.
         self.handoffs_released = 0
         self.handoff_release_failures = 0  # the prefill's side channel did not answer the release
+        # The admission queue (admission.py): requests that waited for a worker, those
+        # refused because it was full, those that gave up waiting, and how many wait now.
+        self.queued = 0
+        self.queue_rejections = 0
+        self.queue_timeouts = 0
+        self.queue_depth = 0
         self.errors: collections.Counter[ErrorKind] = collections.Counter()
         self.routed: collections.Counter[tuple[str, Hop]] = collections.Counter()
         self._ttft: collections.deque[float] = collections.deque(maxlen=window)
@@ -103,6 +109,10 @@ class RouterStats:
             "retries": self.retries,
             "handoffs_released": self.handoffs_released,
             "handoff_release_failures": self.handoff_release_failures,
+            "queued": self.queued,
+            "queue_rejections": self.queue_rejections,
+            "queue_timeouts": self.queue_timeouts,
+            "queue_depth": self.queue_depth,
             "errors": {kind.value: self.errors[kind] for kind in ErrorKind},
             "prefill_failures": self.errors[ErrorKind.PREFILL_FAILED],
             "transfer_failures": self.errors[ErrorKind.KV_PARAMS_MISSING],
@@ -130,6 +140,14 @@ class RouterStats:
             f"kvbm_router_handoffs_released_total {self.handoffs_released}",
             "# TYPE kvbm_router_handoff_release_failures_total counter",
             f"kvbm_router_handoff_release_failures_total {self.handoff_release_failures}",
+            "# TYPE kvbm_router_queued_total counter",
+            f"kvbm_router_queued_total {self.queued}",
+            "# TYPE kvbm_router_queue_rejections_total counter",
+            f"kvbm_router_queue_rejections_total {self.queue_rejections}",
+            "# TYPE kvbm_router_queue_timeouts_total counter",
+            f"kvbm_router_queue_timeouts_total {self.queue_timeouts}",
+            "# TYPE kvbm_router_queue_depth gauge",
+            f"kvbm_router_queue_depth {self.queue_depth}",
             "# TYPE kvbm_router_errors_total counter",
         ]
         lines += [f'kvbm_router_errors_total{{kind="{k.value}"}} {self.errors[k]}' for k in ErrorKind]

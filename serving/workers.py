@@ -13,7 +13,13 @@ Contract:
       worker's process is stopped only after that (:meth:`WorkerPool.stopped`). A worker is
       removed only when DRAINED, STOPPED or FAILED.
     * :meth:`WorkerPool.candidates` lists the workers a new request may go to: ACTIVE,
-      healthy, in the wanted roles.
+      healthy, in the wanted roles. :meth:`WorkerPool.alternatives` lists those that could
+      take a worker's hops instead of it (see :func:`interchangeable`). Listeners given to
+      :meth:`WorkerPool.on_candidate` are called with a worker each time it becomes a
+      candidate (added, started, or back in rotation), so waiting requests need not poll.
+    * :meth:`WorkerPool.progressed` records that bytes of a request came from a worker
+      (one timestamp per chunk or answer): evidence that a worker late to answer ``/health``
+      is busy, not hung.
 
 The pool is plain bookkeeping for one event loop (no locks, no awaiting); waiting for a
 drain is the router's job (it polls :attr:`Worker.state`).
@@ -52,6 +58,14 @@ class WorkerState(enum.Enum):
 
 GONE = frozenset({WorkerState.STOPPED, WorkerState.FAILED})
 REMOVABLE = GONE | {WorkerState.DRAINED}
+# The final hop of a request: a decode worker, or an aggregated one serving it whole.
+DECODE_ROLES = frozenset({WorkerRole.DECODE, WorkerRole.AGGREGATED})
+
+
+def interchangeable(role: WorkerRole) -> frozenset[WorkerRole]:
+    """The roles whose workers can take the hops a ``role`` worker takes: only a prefill
+    worker takes a prefill hop; any decode or aggregated worker takes a final hop."""
+    return DECODE_ROLES if role in DECODE_ROLES else frozenset({role})
 
 
 class WorkerProcess(Protocol):
@@ -92,6 +106,8 @@ class Worker:
     routed: int = 0
     failures: int = 0
     error: str | None = None
+    # Monotonic time the router last relayed bytes of a request from it; None: never.
+    last_progress: float | None = None
     process: WorkerProcess | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict:
@@ -122,6 +138,16 @@ class WorkerPool:
     def __init__(self) -> None:
         self._workers: dict[str, Worker] = {}
         self._next_id = 1
+        self._listeners: list[Callable[[Worker], None]] = []
+
+    def on_candidate(self, listener: Callable[[Worker], None]) -> None:
+        """Calls ``listener(worker)`` whenever a worker becomes a candidate."""
+        self._listeners.append(listener)
+
+    def _notify_if_candidate(self, worker: Worker) -> None:
+        if worker.state is WorkerState.ACTIVE and worker.healthy:
+            for listener in self._listeners:
+                listener(worker)
 
     def add(self, role: WorkerRole, url: str, stats_url: str | None = None) -> Worker:
         """Registers a running worker; ``stats_url`` serves its block-pool ``/stats``.
@@ -130,7 +156,9 @@ class WorkerPool:
             ValueError: bad URL, or a worker with this URL is already registered.
         """
         url, stats_url = self._check_urls(url, stats_url)
-        return self._register(Worker(id=self._new_id(), role=role, url=url, stats_url=stats_url))
+        worker = self._register(Worker(id=self._new_id(), role=role, url=url, stats_url=stats_url))
+        self._notify_if_candidate(worker)
+        return worker
 
     def launch(self, role: WorkerRole, launcher: Launcher) -> Worker:
         """Has ``launcher`` spawn a worker under a fresh id; registers it STARTING.
@@ -178,6 +206,10 @@ class WorkerPool:
                 if w.role in roles and w.state is WorkerState.ACTIVE and w.healthy
                 and w.id not in exclude]
 
+    def alternatives(self, worker: Worker) -> list[Worker]:
+        """The candidates other than ``worker`` that can take the hops it takes."""
+        return self.candidates(interchangeable(worker.role), exclude=[worker.id])
+
     def acquire(self, worker: Worker) -> None:
         worker.in_flight += 1
         worker.routed += 1
@@ -188,21 +220,28 @@ class WorkerPool:
         if worker.in_flight == 0 and worker.state is WorkerState.DRAINING:
             worker.state = WorkerState.DRAINED
 
+    def progressed(self, worker: Worker, now: float) -> None:
+        """Bytes of a request came from ``worker`` at monotonic time ``now``."""
+        worker.last_progress = now
+
     def mark(self, worker: Worker, healthy: bool, reason: str = "") -> None:
         """Health verdict from a failed request or the background probe; a change of rotation
         is logged with ``reason``."""
         if not healthy:
             worker.failures += 1
-        if healthy != worker.healthy:
-            logger.warning("worker %s (%s) %s rotation%s", worker.id, worker.url,
-                           "back in" if healthy else "out of", f": {reason}" if reason else "")
+        if healthy == worker.healthy:
+            return
+        logger.warning("worker %s (%s) %s rotation%s", worker.id, worker.url,
+                       "back in" if healthy else "out of", f": {reason}" if reason else "")
         worker.healthy = healthy
+        self._notify_if_candidate(worker)
 
     def started(self, worker: Worker) -> bool:
         """A launched worker came up: ACTIVE and healthy, unless it was drained meanwhile."""
         if worker.state is not WorkerState.STARTING:
             return False
         worker.state, worker.healthy = WorkerState.ACTIVE, True
+        self._notify_if_candidate(worker)
         return True
 
     def failed(self, worker: Worker, reason: str) -> None:

@@ -123,6 +123,10 @@ def test_decode_pulls_prefill_blocks_token_for_token(reference, prefill_server, 
     assert params[3]["kvbm"] is None  # one block or less: nothing handed off
     for p in params[:3]:
         assert p["do_remote_prefill"] is True and p["kvbm"]["num_blocks"] >= 1
+        # The blocks travel granted: ids, hashes and checksums, under a lease taken in the
+        # prefill's last step, so the decode reads at once and asks the prefill nothing.
+        grant = p["kvbm"]["grant"]
+        assert grant["tier"] == "g1" and grant["lease_id"] >= 1
     outputs = decode(decode_engine, PROMPTS, params)
     assert tokens(outputs) == reference
     pulled = sum(p["kvbm"]["num_blocks"] for p in params[:3])
@@ -132,7 +136,7 @@ def test_decode_pulls_prefill_blocks_token_for_token(reference, prefill_server, 
     assert stats["pulls"]["checksum_failures"] == 0 and stats["load_error_blocks"] == 0
     # Every hold ends once read: the prefill frees its blocks.
     holds = wait_for(lambda: (h := prefill_server.holds())["holding"] == 0 and h, "the prefill's holds to end")
-    assert holds["read"] == 3 and holds["unclaimed"] == 0
+    assert holds["read"] == 3 and holds["unclaimed"] == 0 and holds["granted"] == 3
 
 
 def test_unclaimed_hold_ends_at_lease(prefill_server):
@@ -153,22 +157,38 @@ def test_decode_with_the_blocks_already_releases_the_hold(prefill_server, decode
     assert holds["read"] == before["read"] + 1 and holds["unclaimed"] == before["unclaimed"]
 
 
+def redirected(handoff: dict, address: str, *, grant: bool = True) -> dict:
+    """``handoff`` as if from a prefill incarnation at ``address`` this decode never met (its
+    grant from an unknown agent, so the decode must ask that address for its metadata), or,
+    with ``grant=False``, one to pull by hash from ``address``."""
+    moved = json.loads(json.dumps(handoff))
+    moved["kvbm"]["source"] = address
+    if grant:
+        moved["kvbm"]["grant"].update(source="prefill-0/gone", side_channel=address)
+    else:
+        del moved["kvbm"]["grant"]
+    return moved
+
+
 def test_bad_handoffs_recompute(prefill_server, decode_engine):
     prompts = [f"Handoff case {i}: " + "the side channel answers with a grant " * 30 for i in range(3)]
     good = [prefill(prefill_server, p) for p in prompts]
     wrong_hash = json.loads(json.dumps(good[0]))
     wrong_hash["kvbm"]["last_hash"] = "00" * 16
-    dead_peer = json.loads(json.dumps(good[1]))
-    dead_peer["kvbm"]["source"] = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     malformed = {"do_remote_prefill": True, "kvbm": {"source": 5}}
+    bad_grant = json.loads(json.dumps(good[2]))
+    bad_grant["kvbm"]["grant"]["checksums"] = "!"
     before = remote_stats(decode_engine)["pulls"]
-    outputs = decode(decode_engine, prompts, [wrong_hash, dead_peer, malformed])
+    outputs = decode(decode_engine, prompts * 2, [wrong_hash, redirected(good[1], dead), malformed,
+                                                   bad_grant, redirected(good[1], dead, grant=False), None])
     after = remote_stats(decode_engine)["pulls"]
-    # Only the dead peer was tried; it failed as unreachable and its blocks were recomputed.
-    assert after["jobs_failed"] == before["jobs_failed"] + 1
-    assert after["failures"].get("unreachable", 0) == before["failures"].get("unreachable", 0) + 1
+    # Only the dead peers were tried (granted and by hash); each failed as unreachable and its
+    # blocks were recomputed.
+    assert after["jobs_failed"] == before["jobs_failed"] + 2
+    assert after["failures"].get("unreachable", 0) == before["failures"].get("unreachable", 0) + 2
     # The same prompts with no handoff (now from the decode's own prefix cache) agree.
-    assert tokens(outputs) == tokens(decode(decode_engine, prompts, [None] * 3))
+    assert tokens(outputs) == tokens(decode(decode_engine, prompts * 2, [None] * 6))
 
 
 def test_silent_and_garbage_peers_fail_by_their_deadline_and_recompute(prefill_server, decode_engine):
@@ -192,21 +212,20 @@ def test_silent_and_garbage_peers_fail_by_their_deadline_and_recompute(prefill_s
     threading.Thread(target=answer_garbage, daemon=True).start()
     try:
         params = []
-        for handoff, server in zip(good, (silent, garbage)):
-            redirected = json.loads(json.dumps(handoff))
-            redirected["kvbm"]["source"] = "127.0.0.1:%d" % server.getsockname()[1]
-            params.append(redirected)
+        for grant in (True, False):  # the grant's metadata, or the grant by hash, never comes
+            for handoff, server in zip(good, (silent, garbage)):
+                params.append(redirected(handoff, "127.0.0.1:%d" % server.getsockname()[1], grant=grant))
         decode(decode_engine, ["warm-up"], [None])  # the engine's remote stats exist after a step
         before = remote_stats(decode_engine)["pulls"]
-        outputs = decode(decode_engine, prompts, params)
+        outputs = decode(decode_engine, prompts * 2, params)
         after = remote_stats(decode_engine)["pulls"]
     finally:
         silent.close()
         garbage.close()
-    assert after["jobs_failed"] == before["jobs_failed"] + 2
+    assert after["jobs_failed"] == before["jobs_failed"] + 4
     failures = {k: after["failures"].get(k, 0) - before["failures"].get(k, 0) for k in after["failures"]}
-    assert sum(failures.values()) == 2 and set(failures) <= {"unreachable", "deadline"}, failures
-    assert tokens(outputs) == tokens(decode(decode_engine, prompts, [None] * 2))
+    assert sum(failures.values()) == 4 and set(failures) <= {"unreachable", "deadline"}, failures
+    assert tokens(outputs) == tokens(decode(decode_engine, prompts * 2, [None] * 4))
 
 
 def test_dead_prefill_means_recompute(prefill_server, decode_engine):

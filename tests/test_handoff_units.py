@@ -15,15 +15,24 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
 from kvbm.ids import BlockHash, Tier
 from kvbm.manager import BlockManager
-from kvbm.remote import Lease, LeaseEnd, LeaseId
+from kvbm.remote import BlockGrant, Lease, LeaseEnd, LeaseId
+from kvbm.remote.leases import LeaseTable
+from kvbm.remote.metadata import AgentName
+from kvbm.remote.source import BlockSource
 
 
 def h(i: int) -> BlockHash:
     return BlockHash(i.to_bytes(16, "little"))
 
 
-def lease(ids, hashes) -> Lease:
-    return Lease(LeaseId(1), Tier.G1, np.asarray(ids, dtype=np.int64), tuple(hashes))
+def lease(ids, hashes, lease_id: int = 1) -> Lease:
+    return Lease(LeaseId(lease_id), Tier.G1, np.asarray(ids, dtype=np.int64), tuple(hashes))
+
+
+def grant(n: int, lease_id: int = 4) -> BlockGrant:
+    return BlockGrant(AgentName("prefill-0/ab12"), LeaseId(lease_id), Tier.G1, np.arange(10, 10 + n),
+                      np.arange(100, 100 + n, dtype=np.uint64), tuple(h(i) for i in range(1, n + 1)),
+                      lease_s=30.0, side_channel="127.0.0.1:5555")
 
 
 class Clock:
@@ -42,6 +51,30 @@ def test_handoff_round_trip():
     params = handoff.to_params()
     assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
     assert Handoff.from_params(params) == handoff
+
+
+def test_handoff_carries_its_grant():
+    from kvbm.connectors.vllm.handoff import attach_grant
+
+    params = Handoff("127.0.0.1:5555", 3, h(3)).to_params()
+    attach_grant(params, grant(3))
+    got = Handoff.from_params(params)
+    assert got.grant.lease_id == 4 and got.grant.block_ids.tolist() == [10, 11, 12]
+    assert got.grant.checksums.tolist() == [100, 101, 102] and got.grant.hashes[-1] == h(3)
+    piece = got.grant.slice(1, 3)  # what a decode with block 0 already pulls: same lease
+    assert piece.lease_id == 4 and piece.block_ids.tolist() == [11, 12] and piece.hashes == (h(2), h(3))
+
+
+@pytest.mark.parametrize("bad", [lambda g: g.update(tier="g2"), lambda g: g.update(checksums="!"),
+                                 lambda g: g.update(hashes=""), lambda g: g.pop("lease_id"), lambda g: 5])
+def test_a_grant_that_does_not_name_the_handed_off_blocks_is_no_handoff(bad):
+    params = Handoff("127.0.0.1:5555", 3, h(3)).to_params()
+    entry = grant(3).to_dict()
+    params["kvbm"]["grant"] = 5 if bad(entry) == 5 else entry
+    assert Handoff.from_params(params) is None
+    other = Handoff("127.0.0.1:5555", 2, h(2)).to_params()  # three blocks granted, two handed off
+    other["kvbm"]["grant"] = grant(3).to_dict()
+    assert Handoff.from_params(other) is None
 
 
 @pytest.mark.parametrize("entry", [
@@ -137,6 +170,37 @@ def test_duplicate_hold_and_length_mismatch_refused():
         held.hold("a", [h(1)], [10])
     with pytest.raises(ValueError, match="2 hashes for 1 blocks"):
         held.hold("b", [h(1), h(2)], [10])
+
+
+@pytest.mark.parametrize("how, counted", [(LeaseEnd.RELEASED, "read"), (LeaseEnd.EXPIRED, "unclaimed"),
+                                           (LeaseEnd.REVOKED, "revoked")])
+def test_a_granted_hold_ends_exactly_with_its_lease(how, counted):
+    clock = Clock()
+    held = HeldBlocks(hold_s=5, clock=clock)
+    held.hold("r1", [h(1), h(2)], [10, 11], lease_id=7)
+    clock.now = 100  # hold_s does not end it: its lease does
+    assert held.take_ended() == set() and held.is_held("r1")
+    # Never served by hash (its request may have been aborted and its blocks reused), and a
+    # release by hash does not touch it (releases name its lease).
+    assert held.pin([h(1), h(2)]) is None and held.release([h(2)]) == 0
+    held.unpin(lease([10, 11], [h(1), h(2)], lease_id=7), how)
+    assert held.take_ended() == {"r1"}
+    counters = held.counters()
+    assert getattr(counters, counted) == 1 and counters.granted == 1 and counters.holding == 0
+
+
+def test_a_release_by_lease_ends_that_lease_only_when_it_names_its_last_hash():
+    held = HeldBlocks(hold_s=30, clock=Clock())
+    tiers = {Tier.G1: object()}  # a grant with its checksums given never reads the tier
+    source = BlockSource(AgentName("p/1"), tiers, lease_s=30, clock=Clock(), pinner=held)
+    granted = source.grant(Tier.G1, [10, 11], [h(1), h(2)], checksums=np.zeros(2, dtype=np.uint64))
+    held.hold("r1", [h(1), h(2)], [10, 11], lease_id=granted.lease_id)
+    assert source.release_hashes([h(1)], granted.lease_id) == 0  # not its last hash
+    assert source.release_hashes([h(2)], granted.lease_id + 1) == 0  # no such lease
+    assert held.take_ended() == set()
+    assert source.release_hashes([h(2)], granted.lease_id) == 1
+    assert held.take_ended() == {"r1"} and held.counters().read == 1
+    assert source.counters().released == 1 and source.counters().active == 0
 
 
 def test_wait_ready_wakes_on_hold():

@@ -58,7 +58,7 @@ def make_router():
 
     def make(workers=(), **overrides) -> RouterServer:
         config = RouterConfig(**{"model_name": MODEL, "health_interval_s": 3600.0,
-                                 "request_timeout_s": 120.0, **overrides})
+                                 "request_timeout_s": 120.0, "queue_timeout_s": 2.0, **overrides})
         router = Router(config)
         for role, url in workers:
             router.add_worker(role, url)

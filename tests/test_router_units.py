@@ -1,5 +1,5 @@
 """Router pieces without servers: config, validation, worker pool, routing choice, stats,
-and the admin API over a fake launcher."""
+the admin API over a fake launcher, health verdicts and the admission queue."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,9 +18,12 @@ from starlette.responses import StreamingResponse
 from starlette.testclient import TestClient
 
 from kvbm.connectors.vllm.handoff import Handoff
-from kvbm.ids import BlockHash
-from kvbm.remote import exchange
+from kvbm.ids import BlockHash, Tier
+from kvbm.remote import BlockGrant, LeaseId, exchange
+from kvbm.remote.metadata import AgentName
 from kvbm.remote.sidechannel import SideChannelServer
+from kvbm.serving.admission import AdmissionQueue
+from kvbm.serving.forwarding import Forwarder
 from kvbm.serving.health import Health, ProbeVerdicts, check_health
 from kvbm.serving.router import Router
 from kvbm.serving.router_config import RouterConfig
@@ -27,7 +31,7 @@ from kvbm.serving.router_stats import (ErrorKind, Hop, RouterStats, WorkerReply,
                                        fetch_worker_stats, merge_worker_metrics, percentile)
 from kvbm.serving.router_validation import Endpoint, RequestError, parse_request
 from kvbm.serving.routing import choose_by_load, choose_prefill, prefix_overlap
-from kvbm.serving.workers import WorkerPool, WorkerRole, WorkerState
+from kvbm.serving.workers import DECODE_ROLES, WorkerPool, WorkerRole, WorkerState
 
 MODEL = "tiny"
 
@@ -55,10 +59,23 @@ def make_pool(*roles: WorkerRole) -> WorkerPool:
     ({"health_interval_s": -1.0}, "health_interval_s"),
     ({"host": "0.0.0.0"}, "admin_token"),
     ({"admin_token": "short"}, "admin_token"),
+    ({"queue_size": -1}, "queue_size"),
+    ({"queue_size": 2.5}, "queue_size"),
+    ({"queue_size": True}, "queue_size"),
+    ({"queue_timeout_s": 0}, "queue_timeout_s"),
+    ({"queue_timeout_s": float("nan")}, "queue_timeout_s"),
+    ({"queue_timeout_s": float("inf")}, "queue_timeout_s"),
+    ({"queue_timeout_s": "30"}, "queue_timeout_s"),
 ])
 def test_config_rejects_bad_field_by_name(overrides, field):
     with pytest.raises(ValueError, match=field):
         make_config(**overrides)
+
+
+def test_config_queue_defaults_and_no_queue():
+    config = make_config()
+    assert (config.queue_size, config.queue_timeout_s) == (256, 30.0)
+    assert make_config(queue_size=0).queue_size == 0  # no waiting: a 503 at once
 
 
 def test_config_non_loopback_with_token_is_valid():
@@ -422,18 +439,16 @@ def test_admin_launch_without_launcher_or_with_bad_bodies_is_400():
 
 # --- failures in forwarding ---------------------------------------------------------------
 
-def forward_once(answer, *roles: WorkerRole, stream: bool = False):
+def forward_once(answer, *roles: WorkerRole, stream: bool = False, clock=time.monotonic):
     """Forwards one completion over workers answering with ``answer(request)``; returns the
     response (or the RequestError), the pool and the stats."""
-    from kvbm.serving.forwarding import Forwarder
-
     pool, stats = make_pool(*roles), RouterStats(window=8)
     body = parse_request(json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1, "stream": stream}).encode(),
                          Endpoint.COMPLETIONS, make_config())
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
-            forwarder = Forwarder(pool, stats, client)
+            forwarder = Forwarder(pool, stats, client, clock=clock)
             try:
                 response = await forwarder.forward(Endpoint.COMPLETIONS, body, time.monotonic())
                 if isinstance(response, StreamingResponse):  # consume it so the worker is released
@@ -494,9 +509,77 @@ def test_a_5xx_takes_a_worker_out_even_when_its_health_answers():
     assert [w.healthy for w in pool.all()] == [False, True]
 
 
+class Clock:
+    """Monotonic seconds that move only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class TickingStream(httpx.AsyncByteStream):
+    """A worker's SSE stream whose chunks come a second apart on ``clock``."""
+
+    def __init__(self, clock: Clock, chunks: list[bytes]) -> None:
+        self._clock, self._chunks = clock, chunks
+
+    async def __aiter__(self):
+        for chunk in self._chunks:
+            self._clock.advance(1.0)
+            yield chunk
+
+
+def test_every_chunk_a_worker_streams_is_recorded_as_its_progress():
+    clock = Clock()
+    chunks = [b"data: {\"n\": 1}\n\n", b"data: {\"n\": 2}\n\n", b"data: [DONE]\n\n"]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              stream=TickingStream(clock, chunks))
+
+    reply, pool, _ = forward_once(answer, WorkerRole.DECODE, stream=True, clock=clock)
+    assert reply.status_code == 200 and reply.body == b"".join(chunks)
+    assert pool.all()[0].last_progress == 103.0  # the last chunk's time, not the first's
+
+
+@pytest.mark.parametrize("status, progressed", [(200, True), (400, True), (500, False)])
+def test_an_answer_below_500_is_progress_and_a_5xx_is_not(status, progressed):
+    answer = lambda request: httpx.Response(status, json={})  # noqa: E731
+    _, pool, _ = forward_once(answer, WorkerRole.DECODE, clock=Clock())
+    assert pool.all()[0].last_progress == (100.0 if progressed else None)
+
+
+def test_a_timeout_does_not_take_out_the_last_decode_worker_nor_retry_on_it():
+    reply, pool, stats = forward_once(raises(httpx.ReadTimeout), WorkerRole.DECODE)
+    assert isinstance(reply, RequestError) and (reply.status, reply.code) == (502, "worker_failed")
+    assert [w.healthy for w in pool.all()] == [True]
+    assert stats.retries == 0 and pool.all()[0].routed == 1
+
+
+def test_a_timeout_takes_a_worker_out_when_another_can_take_its_requests():
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.port == 9000:
+            raise httpx.ReadTimeout("injected", request=request)
+        return httpx.Response(200, json={"choices": [{"text": "from 9001"}]})
+
+    reply, pool, stats = forward_once(answer, WorkerRole.DECODE, WorkerRole.AGGREGATED)
+    assert reply.status_code == 200 and b"from 9001" in reply.body
+    assert [w.healthy for w in pool.all()] == [False, True] and stats.retries == 1
+
+
 # --- handoffs no decode took ---------------------------------------------------------------
 
 LAST_HASH = BlockHash(bytes(range(16)))
+
+
+# The prefill's grant of those two blocks: a release names its lease.
+GRANT = BlockGrant(AgentName("prefill-0/ab12"), LeaseId(7), Tier.G1, np.arange(2), np.zeros(2, dtype=np.uint64),
+                   (BlockHash(bytes(16)), LAST_HASH))
 
 
 class FakePrefillSideChannel:
@@ -512,9 +595,14 @@ class FakePrefillSideChannel:
         with self._lock:
             return [entry[1] for entry in self._log if entry[0] == "release"]
 
-    def _release(self, hashes: tuple[BlockHash, ...]) -> int:
+    @property
+    def leases(self) -> list[int | None]:
         with self._lock:
-            self._log.append(("release", hashes))
+            return [entry[2] for entry in self._log if entry[0] == "release"]
+
+    def _release(self, hashes: tuple[BlockHash, ...], lease_id: int | None = None) -> int:
+        with self._lock:
+            self._log.append(("release", hashes, lease_id))
         return 1
 
     def _unused(self, *args):
@@ -541,7 +629,7 @@ def disaggregated_answer(source: str, decode_answers: dict[int, httpx.Response |
     def answer(request: httpx.Request) -> httpx.Response:
         port = request.url.port
         if port == 9000:
-            params = Handoff(source, 2, LAST_HASH).to_params()
+            params = Handoff(source, 2, LAST_HASH, GRANT).to_params()
             return httpx.Response(200, json={"choices": [{"text": "a"}], "kv_transfer_params": params})
         if request.url.path == "/health":
             return httpx.Response(200, json={})
@@ -574,7 +662,7 @@ def test_a_decode_refusal_releases_the_prefill_handoff_once(stream, side_channel
     reply, pool, stats = forward_once(answer, WorkerRole.PREFILL, WorkerRole.DECODE, stream=stream)
     assert reply.status_code == 400
     assert json.loads(reply.body)["error"]["message"] == too_long
-    assert log == [("decode", 9001, LAST_HASH.hex()), ("release", (LAST_HASH,))]
+    assert log == [("decode", 9001, LAST_HASH.hex()), ("release", (LAST_HASH,), GRANT.lease_id)]
     assert (stats.handoffs_released, stats.handoff_release_failures) == (1, 0)
     assert stats.as_json(pool.all())["handoffs_released"] == 1
     assert "kvbm_router_handoffs_released_total 1\n" in stats.prometheus(pool.all())
@@ -607,8 +695,6 @@ def test_a_failed_decode_hop_releases_only_once_the_router_gives_up(second, stat
 
 
 def test_a_client_gone_before_the_decode_answered_releases_the_handoff(side_channel, log):
-    from kvbm.serving.forwarding import Forwarder
-
     pool, stats = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE), RouterStats(window=8)
     decode_reached = asyncio.Event()
     answer_sync = disaggregated_answer(side_channel.server.address, {}, log)
@@ -703,3 +789,221 @@ def test_a_launched_worker_whose_process_ended_is_failed_with_its_status():
         WorkerState.FAILED, False, "its process exited with status -9")
     assert pool.candidates([WorkerRole.DECODE]) == [added]
     pool.remove(worker.id)  # a failed worker can be forgotten
+
+
+def test_late_probes_keep_a_worker_whose_requests_make_progress():
+    pool = make_pool(WorkerRole.DECODE, WorkerRole.DECODE)
+    busy, idle = pool.all()
+    clock = Clock()
+    verdicts = ProbeVerdicts(pool, slow_to_eject=3, clock=clock)
+    for _ in range(10):
+        clock.advance(1.0)
+        pool.progressed(busy, clock())  # a chunk of one of its streams, between two probes
+        clock.advance(3.0)
+        verdicts.apply(busy, Health.SLOW)
+        verdicts.apply(idle, Health.UP)
+        assert busy.healthy
+    # Progress only counts until the next verdict: then three late answers take it out.
+    for healthy in (True, True, False):
+        clock.advance(4.0)
+        verdicts.apply(busy, Health.SLOW)
+        assert busy.healthy is healthy
+    # Its streams moving again bring it back, late answer and all.
+    pool.progressed(busy, clock())
+    clock.advance(4.0)
+    verdicts.apply(busy, Health.SLOW)
+    assert busy.healthy
+
+
+def test_the_last_worker_that_can_take_a_hop_is_never_taken_out_for_lateness():
+    pool = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.AGGREGATED)
+    prefill, decode, aggregated = pool.all()
+    verdicts = ProbeVerdicts(pool, slow_to_eject=3)
+    for probes in range(1, 11):  # no progress at all
+        for worker in pool.all():
+            verdicts.apply(worker, Health.SLOW)
+        # The aggregated worker can take the decode worker's hops; nobody takes the prefill's.
+        assert [w.healthy for w in pool.all()] == [True, probes < 3, True]
+    assert pool.candidates([WorkerRole.PREFILL]) == [prefill]
+    assert pool.candidates(DECODE_ROLES) == [aggregated]
+    # Down is down, also for the last one; the decode worker, out only for lateness, is then
+    # the last that can take a final hop, and its next late answer brings it back.
+    verdicts.apply(prefill, Health.DOWN)
+    verdicts.apply(aggregated, Health.DOWN)
+    assert pool.candidates(DECODE_ROLES) == []
+    verdicts.apply(decode, Health.SLOW)
+    assert [w.healthy for w in pool.all()] == [False, True, False]
+
+
+def test_an_aggregated_pool_keeps_its_last_worker_through_late_probes():
+    pool = make_pool(WorkerRole.AGGREGATED)
+    verdicts = ProbeVerdicts(pool, slow_to_eject=1)
+    for _ in range(5):
+        verdicts.apply(pool.all()[0], Health.SLOW)
+    assert pool.all()[0].healthy
+
+
+def test_a_worker_out_for_lateness_comes_back_when_its_peer_drains_but_not_one_out_for_failing():
+    pool = make_pool(WorkerRole.DECODE, WorkerRole.DECODE)
+    late, peer = pool.all()
+    verdicts = ProbeVerdicts(pool, slow_to_eject=3)
+    for _ in range(3):
+        verdicts.apply(late, Health.SLOW)
+    assert not late.healthy
+    pool.acquire(peer)
+    pool.drain(peer.id)  # draining: it takes no new request
+    verdicts.apply(late, Health.SLOW)
+    assert late.healthy and pool.candidates(DECODE_ROLES) == [late]
+    for out in (lambda: verdicts.apply(late, Health.DOWN),
+                lambda: pool.mark(late, False, "answered HTTP 500")):
+        out()
+        verdicts.apply(late, Health.SLOW)
+        assert not late.healthy  # only an answer brings it back
+        verdicts.apply(late, Health.UP)
+        assert late.healthy
+
+
+# --- admission queue -----------------------------------------------------------------------
+
+COMPLETION = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+
+
+async def until(condition) -> None:
+    """Lets the event loop run until ``condition()`` holds (no clock involved)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+def answering(seen: list[str]):
+    """Workers that answer every request, logging ``port path`` in ``seen``."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.port} {request.url.path}")
+        answer = {"choices": [{"text": f"from {request.url.port}"}]}
+        if request.url.port == 9000:  # the prefill worker, when there is one
+            answer["kv_transfer_params"] = {"do_remote_prefill": True}
+        return httpx.Response(200, json=answer)
+    return answer
+
+
+def queued_forward(pool: WorkerPool, arrive, seen: list[str], timeout_s: float = 60.0):
+    """Forwards one completion that must wait in a queue of 4; once it waits, ``arrive()``
+    makes a worker able to take it. Returns the response and the stats."""
+    stats = RouterStats(window=8)
+    admission = AdmissionQueue(pool, stats, size=4, timeout_s=timeout_s)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answering(seen))) as client:
+            forwarder = Forwarder(pool, stats, client, admission=admission)
+            forwarded = forwarder.forward(Endpoint.COMPLETIONS, COMPLETION, time.monotonic())
+            request = asyncio.create_task(forwarded)
+            await until(lambda: admission.depth == 1)
+            assert seen == [] and stats.queue_depth == 1  # nothing sent while it waits
+            arrive()
+            return await request
+
+    reply = asyncio.run(run())
+    assert (stats.queued, stats.queue_depth, admission.depth) == (1, 0, 0)
+    assert stats.errors[ErrorKind.NO_WORKER] == 0
+    return reply, stats
+
+
+@pytest.mark.parametrize("comes", ["back in rotation", "added", "started"])
+def test_a_queued_request_proceeds_once_a_worker_can_take_it(comes):
+    pool = WorkerPool()
+    if comes == "back in rotation":
+        worker = pool.add(WorkerRole.DECODE, "http://127.0.0.1:9001")
+        pool.mark(worker, False)
+        arrive = lambda: pool.mark(worker, True)  # noqa: E731
+    elif comes == "started":
+        worker = pool.launch(WorkerRole.DECODE, FakeLauncher())
+        arrive = lambda: pool.started(worker)  # noqa: E731
+    else:  # the pool was empty
+        arrive = lambda: pool.add(WorkerRole.DECODE, "http://127.0.0.1:9001")  # noqa: E731
+    seen: list[str] = []
+    reply, _ = queued_forward(pool, arrive, seen)
+    port = pool.all()[0].url.rsplit(":", 1)[1]
+    assert seen == [f"{port} /v1/completions"]
+    assert reply.status_code == 200 and json.loads(reply.body)["choices"][0]["text"] == f"from {port}"
+
+
+def test_a_request_waits_for_a_decode_worker_before_its_prefill_hop():
+    pool = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE)
+    _, decode = pool.all()
+    pool.mark(decode, False)
+    seen: list[str] = []
+    reply, stats = queued_forward(pool, lambda: pool.mark(decode, True), seen)
+    assert reply.status_code == 200
+    assert seen == ["9000 /v1/completions", "9001 /v1/completions"] and stats.disaggregated == 1
+
+
+def test_a_full_queue_refuses_at_once_naming_its_size():
+    pool, stats = make_pool(WorkerRole.DECODE), RouterStats(window=8)
+    draining = pool.all()[0]
+    pool.acquire(draining)
+    pool.drain(draining.id)
+    admission = AdmissionQueue(pool, stats, size=2, timeout_s=60.0)
+
+    async def run() -> RequestError:
+        waiting = [asyncio.create_task(admission.wait(DECODE_ROLES)) for _ in range(2)]
+        await until(lambda: admission.depth == 2)
+        with pytest.raises(RequestError) as refused:
+            await admission.wait(DECODE_ROLES)
+        for task in waiting:  # their clients go away: they leave the queue
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        return refused.value
+
+    error = asyncio.run(run())
+    assert (error.status, error.code, error.type) == (503, "queue_full", "service_unavailable")
+    assert error.message == ("no decode or aggregated worker can take this request (w1 draining), "
+                             "and the admission queue is full (2 waiting); retry later")
+    assert (stats.queued, stats.queue_rejections, stats.queue_timeouts) == (2, 1, 0)
+    assert (admission.depth, stats.queue_depth, stats.errors[ErrorKind.NO_WORKER]) == (0, 0, 1)
+
+
+def test_a_request_that_waits_past_the_timeout_gets_a_503_naming_the_wait():
+    pool, stats = make_pool(WorkerRole.DECODE, WorkerRole.AGGREGATED), RouterStats(window=8)
+    out, draining = pool.all()
+    pool.mark(out, False)
+    pool.acquire(draining)
+    pool.drain(draining.id)
+    admission = AdmissionQueue(pool, stats, size=4, timeout_s=0.05)
+
+    async def run() -> RequestError:
+        waiting = asyncio.create_task(admission.wait(DECODE_ROLES))
+        await until(lambda: admission.depth == 1)
+        pool.add(WorkerRole.PREFILL, "http://127.0.0.1:9100")  # cannot take a final hop
+        with pytest.raises(RequestError) as gave_up:
+            await waiting
+        return gave_up.value
+
+    error = asyncio.run(run())
+    assert (error.status, error.code, error.type) == (503, "no_worker", "service_unavailable")
+    assert error.message == ("waited 0.05 s for a healthy decode or aggregated worker; none came "
+                             "(w1 out of rotation, w2 draining)")
+    assert (stats.queued, stats.queue_timeouts, stats.queue_rejections) == (1, 1, 0)
+    assert (stats.queue_depth, stats.errors[ErrorKind.NO_WORKER]) == (0, 1)
+
+
+@pytest.mark.parametrize("queue, message, counter", [
+    ({"queue_size": 0}, "no decode or aggregated worker can take this request (none registered), "
+                        "and this router lets no request wait (queue_size 0)", "queue_rejections"),
+    ({"queue_timeout_s": 0.05}, "waited 0.05 s for a healthy decode or aggregated worker; none "
+                                "came (none registered)", "queue_timeouts"),
+])
+def test_the_router_answers_an_unplaceable_request_with_a_503_and_counts_it(queue, message, counter):
+    with TestClient(Router(make_config(health_interval_s=3600.0, **queue)).app) as client:
+        reply = client.post("/v1/completions", json=COMPLETION)
+        assert reply.status_code == 503
+        assert reply.json() == {"error": {"message": message, "type": "service_unavailable",
+                                          "code": "no_worker", "param": None}}
+        snapshot = client.get("/stats").json()
+        assert snapshot[counter] == 1 and snapshot["queue_depth"] == 0
+        assert snapshot["queued"] == int(counter == "queue_timeouts")
+        assert snapshot["errors"]["no_worker"] == 1
+        metrics = client.get("/metrics").text
+        assert f"kvbm_router_{counter}_total 1\n" in metrics
+        assert "kvbm_router_queue_depth 0\n" in metrics

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from test_router import CHAT_TEMPLATE, chat_body, completion_body, post, text_of
 
+from kvbm.serving.__main__ import build_parser, router_fields
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.serve import (ServeOptions, ServeStack, connector_config, cpu_groups,
                                 signals_interrupt)
@@ -106,6 +107,23 @@ def test_options_roles_and_validation(tmp_path):
 
 
 # --- the command line ---------------------------------------------------------------------
+
+def test_serve_queue_flags_set_the_routers_admission_queue(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--queue-size", "8", "--queue-timeout-s", "2.5"])
+    config = RouterConfig(model_name=MODEL, **router_fields(args))
+    assert (config.queue_size, config.queue_timeout_s) == (8, 2.5)
+    defaults = RouterConfig(model_name=MODEL, **router_fields(parser.parse_args(["serve"])))
+    assert (defaults.queue_size, defaults.queue_timeout_s) == (256, 30.0)
+    assert RouterConfig(model_name=MODEL, **router_fields(parser.parse_args(
+        ["serve", "--queue-size", "0"]))).queue_size == 0
+    for flag, value in (("--queue-size", "-1"), ("--queue-size", "many"),
+                        ("--queue-timeout-s", "0"), ("--queue-timeout-s", "inf"),
+                        ("--queue-timeout-s", "soon")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", flag, value])
+        assert f"argument {flag}: expected" in capsys.readouterr().err, (flag, value)
+
 
 def processes_with(marker: str) -> list[int]:
     """Pids of live processes whose environment holds ``marker`` (inherited by every child)."""

@@ -88,6 +88,10 @@ class KVBMConnector(KVConnectorBase_V1):
         self._worker.handle_preemptions(kv_connector_metadata)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # After this step's forward pass on every path (also when wait_for_save is deferred past
+        # a draft model's forward), and while the step's metadata is still bound.
+        if self.has_connector_metadata():
+            self._worker.grant_handoffs(self._meta())
         return self._worker.get_finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -4,11 +4,16 @@ A router sends the prompt to a prefill worker with ``{"do_remote_decode": true}`
 prefill's reply carries :meth:`Handoff.to_params`, which the router passes unchanged in the
 decode request. The decode worker reads it with :meth:`Handoff.from_params`.
 
-The handoff names no engine block ids: the decode pulls by block hash from the prefill's side
-channel, which pins whatever prefix the prefill still holds. ``last_hash`` lets the decode
-check, before it allocates anything, that it hashes the prompt exactly as the prefill did
-(same model, layout, salt and tokens): hashes are chained, so equal last hashes mean every
-block matches. Anything malformed is no handoff at all: the decode computes the prompt itself.
+The handoff carries a :class:`~kvbm.remote.BlockGrant` (:func:`attach_grant`): the prefill's
+engine block ids, their hashes and checksums, under a lease its worker took in the step that
+computed them. The decode pulls those blocks at once over NIXL (the prefill's metadata is
+fetched once per prefill incarnation and cached), verifies the checksums and ends the lease;
+nothing is asked of the prefill per request. A handoff without a grant (the request ended in
+a later step than its prompt, or the grant failed) is pulled by hash from the prefill's side
+channel, which pins whatever prefix it still holds. ``last_hash`` lets the decode check,
+before it allocates anything, that it hashes the prompt exactly as the prefill did (same
+model, layout, salt and tokens): hashes are chained, so equal last hashes mean every block
+matches. Anything malformed is no handoff at all: the decode computes the prompt itself.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from kvbm.ids import BlockHash
+from kvbm.ids import BlockHash, Tier
+from kvbm.remote.metadata import BlockGrant
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +41,20 @@ class Handoff:
         source: the prefill worker's side channel, ``host:port``.
         num_blocks: how many leading full blocks of the prompt it holds.
         last_hash: the chained hash of the last of them.
+        grant: the prefill's grant of those blocks (None: pull them by hash).
     """
 
     source: str
     num_blocks: int
     last_hash: BlockHash
+    grant: BlockGrant | None = None
 
     def to_params(self) -> dict[str, Any]:
         """The reply's ``kv_transfer_params`` (JSON-safe)."""
-        entry = {"source": self.source, "num_blocks": self.num_blocks, "last_hash": self.last_hash.hex()}
+        entry: dict[str, Any] = {"source": self.source, "num_blocks": self.num_blocks,
+                                 "last_hash": self.last_hash.hex()}
+        if self.grant is not None:
+            entry["grant"] = self.grant.to_dict()
         # do_remote_prefill tells vLLM on the decode side that this request's KV comes from
         # a remote prefill (it reports the fetch in its request stats).
         return {"do_remote_prefill": True, "do_remote_decode": False, KEY: entry}
@@ -63,10 +74,33 @@ class Handoff:
                 raise ValueError(f"bad num_blocks {count!r}")
             if len(last) != 16:
                 raise ValueError("last_hash is not 16 bytes")
+            grant = _grant_of(entry.get("grant"), count, last)
         except (TypeError, KeyError, ValueError) as error:
             logger.warning("kvbm: ignoring malformed kv_transfer_params[%r] (%s); computing the prompt", KEY, error)
             return None
-        return cls(source, count, BlockHash(last))
+        return cls(source, count, BlockHash(last), grant)
+
+
+def attach_grant(params: dict[str, Any], grant: BlockGrant) -> None:
+    """Put ``grant`` into handoff ``params`` (from :meth:`Handoff.to_params`) in place.
+
+    The scheduler answers ``request_finished`` before it hears the step's worker output, which
+    holds the grant; vLLM sends the request's output, this dict in it, only after both.
+    """
+    params[KEY]["grant"] = grant.to_dict()
+
+
+def _grant_of(raw: Any, count: int, last: bytes) -> BlockGrant | None:
+    """The grant in a handoff entry (None when absent); ValueError when it does not name
+    exactly the handed-off G1 blocks."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError("grant is not an object")
+    grant = BlockGrant.from_dict(raw)
+    if grant.tier is not Tier.G1 or len(grant) != count or len(grant.hashes) != count or grant.hashes[-1] != last:
+        raise ValueError(f"grant of {len(grant)} {grant.tier.name} blocks does not match the {count} handed off")
+    return grant
 
 
 # A prefill's answer when it holds nothing for the decode (a prompt under two blocks): the

@@ -1,10 +1,11 @@
 """What the scheduler-side and worker-side connectors tell each other each step.
 
 Scheduler -> worker (:class:`KvbmConnectorMetadata`, pickled by vLLM with the scheduler
-output): the transfer jobs to run, the blocks to pull from remote workers, the blocks to hold
-for remote readers, and which requests wait before vLLM may free their blocks. Worker ->
+output): the transfer jobs to run, the blocks to pull from remote workers, the blocks to grant
+or hold for remote readers, and which requests wait before vLLM may free their blocks. Worker ->
 scheduler (:class:`KvbmWorkerMetadata`): the results of finished jobs, which the scheduler's
-block manager commits or rolls back, and the worker's remote endpoint (address, counters).
+block manager commits or rolls back, the grants made this step (they go into the finished
+prefill requests' ``kv_transfer_params``), and the worker's remote endpoint (address, counters).
 """
 
 from __future__ import annotations
@@ -18,15 +19,39 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvbm.ids import BlockHash
 from kvbm.jobs import JobResult, TransferJob
+from kvbm.remote.metadata import BlockGrant
 
 
 @dataclasses.dataclass
 class RemotePull:
-    """Blocks to pull by hash from another worker's side channel into our engine blocks."""
+    """Blocks to pull from a prefill worker into our engine blocks: those of ``grant`` (the
+    prefill's grant from the request, sliced to what we pull), or else by hash from the
+    ``source`` side channel."""
 
     source: str
     hashes: tuple[BlockHash, ...]
     block_ids: list[int]
+    grant: BlockGrant | None = None
+
+
+@dataclasses.dataclass
+class HandoffGrant:
+    """A prefill request that ends this step: grant its prompt's blocks after the forward pass
+    (see held_blocks.py)."""
+
+    req_id: str
+    hashes: tuple[BlockHash, ...]
+    block_ids: list[int]
+
+
+@dataclasses.dataclass
+class Release:
+    """Tell a prefill we will not read what it holds for us: the lease of ``grant``, or else
+    the hold ending in ``last_hash`` on the ``source`` side channel."""
+
+    source: str
+    last_hash: BlockHash
+    grant: BlockGrant | None = None
 
 
 @dataclasses.dataclass
@@ -68,9 +93,13 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
             ``req_id`` is None for G2 -> G3 demotions, which no request waits for.
         await_saves: finished requests whose blocks vLLM keeps until the worker reports
             their stores done and their holds ended (``finished_sending``).
-        holds: finished requests' blocks to hold for remote readers.
-        releases: ``(source, hashes)``: tell a remote prefill we will not read the blocks it
-            holds ending in ``hashes`` (we had them already, or they do not match).
+        grants: prefill requests ending this step whose blocks to grant after the forward pass.
+        revokes: requests granted in an earlier step that did not end with a handoff (aborted):
+            withdraw their grants.
+        holds: finished requests' blocks to hold by hash for remote readers (ended in a later
+            step than their prompt, or their grant failed).
+        releases: prefills' holds we will not read (we had the blocks already, or they do not
+            match).
         preempted: requests vLLM preempted this step: it freed their blocks, so their
             copies must end before this step's loads and forward pass reuse them.
     """
@@ -78,8 +107,10 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
     loads: list[RequestLoad] = dataclasses.field(default_factory=list)
     stores: list[tuple[str | None, TransferJob]] = dataclasses.field(default_factory=list)
     await_saves: set[str] = dataclasses.field(default_factory=set)
+    grants: list[HandoffGrant] = dataclasses.field(default_factory=list)
+    revokes: list[str] = dataclasses.field(default_factory=list)
     holds: list[HeldRequest] = dataclasses.field(default_factory=list)
-    releases: list[tuple[str, tuple[BlockHash, ...]]] = dataclasses.field(default_factory=list)
+    releases: list[Release] = dataclasses.field(default_factory=list)
     preempted: set[str] = dataclasses.field(default_factory=set)
 
 
@@ -91,13 +122,15 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
         results: finished transfer jobs (not remote pulls: the block manager never saw those).
         side_channel: the worker's remote endpoint address (with ``remote``: every step).
         remote: the remote endpoint's counters, when they changed.
+        grants: this step's grants (:class:`HandoffGrant`), by request.
     """
 
     results: list[JobResult] = dataclasses.field(default_factory=list)
     side_channel: str | None = None
     remote: dict | None = None
+    grants: dict[str, BlockGrant] = dataclasses.field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KvbmWorkerMetadata)
         return KvbmWorkerMetadata(self.results + other.results, self.side_channel or other.side_channel,
-                                  self.remote or other.remote)
+                                  self.remote or other.remote, {**self.grants, **other.grants})

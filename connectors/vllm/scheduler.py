@@ -14,10 +14,13 @@ A request's engine blocks are never freed while one of its jobs runs: request_fi
 returns True and the worker reports the request in ``finished_sending`` once its jobs end.
 
 Disaggregated serving (``remote`` configured; see :mod:`.handoff`): a prefill request sent with
-``do_remote_decode`` finishes by holding its full prompt blocks for a decode worker and
-returns a :class:`Handoff` as its ``kv_transfer_params``; a decode request carrying one loads
-what G2/G3 hold, then pulls the rest of the handed-off prefix from the prefill worker by hash
-(always an asynchronous load). A pull is tried once per request; what fails is recomputed.
+``do_remote_decode`` ends in the step that computes the rest of its prompt; that step's
+metadata asks the worker to grant the prompt's full blocks after the forward pass (a lease and
+their checksums), and ``request_finished`` returns a :class:`Handoff` as its
+``kv_transfer_params``, which the grant from the same step's worker output completes before
+vLLM sends it. A decode request carrying one loads what G2/G3 hold, then pulls the rest of the
+handed-off prefix straight from the prefill's engine blocks (always an asynchronous load). A
+pull is tried once per request; what fails is recomputed.
 """
 
 from __future__ import annotations
@@ -34,15 +37,18 @@ from kvbm.hashing import BlockHasher, HashedBlocks
 from kvbm.ids import JobId, Tier
 from kvbm.manager import BlockManager
 from kvbm.policy import OffloadPolicy
+from kvbm.remote.metadata import BlockGrant
 from kvbm.remote.publication import Publication
 from kvbm.stats import KvbmStats
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.engine_layout import block_bytes, check_supported, layout_fingerprint
-from kvbm.connectors.vllm.handoff import KEY, NOTHING_HANDED_OFF, Handoff, wants_handoff
+from kvbm.connectors.vllm.handoff import KEY, NOTHING_HANDED_OFF, Handoff, attach_grant, wants_handoff
 from kvbm.connectors.vllm.metadata import (
+    HandoffGrant,
     HeldRequest,
     KvbmConnectorMetadata,
     KvbmWorkerMetadata,
+    Release,
     RemotePull,
     RequestLoad,
 )
@@ -73,6 +79,7 @@ class _RequestState:
     load_start: int = 0  # first block of the planned load
     local_blocks: int = 0  # blocks of the planned load that G2/G3 hold
     handoff: Handoff | None = None  # a remote prefill's blocks to pull, until tried
+    granting: int = 0  # prefill: leading blocks the worker was asked to grant for a decode
     remote_end: int = 0  # end (in blocks) of the handed-off prefix this step's match uses
     load_async: bool = False  # the planned load runs asynchronously
     load_block_ids: tuple[int, ...] = ()  # engine blocks the last planned load fills
@@ -99,6 +106,9 @@ class SchedulerSide:
         self._requests: dict[str, _RequestState] = {}
         self._job_owner: dict[JobId, str] = {}
         self._suspect = SuspectBlocks()  # blocks that may derive from a failed load
+        # Prefill requests that finished with a handoff whose grant is still to come in this
+        # step's worker output: their kv_transfer_params, to complete in place.
+        self._awaiting_grants: dict[str, _AwaitedGrant] = {}
         self._running: set[str] = set()  # requests the last step ran, less those finished since
         self._step = KvbmConnectorMetadata()
         self._stats = self._manager.stats()
@@ -165,8 +175,10 @@ class SchedulerSide:
         remote = None
         if state.handoff is not None and count > local:
             # The rest of the load comes from the prefill worker, once.
-            remote = RemotePull(state.handoff.source, state.blocks.hashes[start + local : start + count],
-                                list(block_ids[local:count]))
+            handoff = state.handoff
+            grant = handoff.grant.slice(start + local, start + count) if handoff.grant is not None else None
+            remote = RemotePull(handoff.source, state.blocks.hashes[start + local : start + count],
+                                list(block_ids[local:count]), grant)
             state.handoff = None
         self._release_handoff(state)
         state.loading = state.load_async
@@ -197,6 +209,7 @@ class SchedulerSide:
             if state is not None:
                 state.block_ids = list(new.block_ids[0])
                 self._offload_computed(new.req_id, state, new.num_computed_tokens, scheduled[new.req_id])
+                self._ask_grant(new.req_id, state, new.num_computed_tokens, scheduled[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -208,6 +221,7 @@ class SchedulerSide:
             elif new_ids:
                 state.block_ids.extend(new_ids[0])
             self._offload_computed(req_id, state, cached.num_computed_tokens[i], scheduled[req_id])
+            self._ask_grant(req_id, state, cached.num_computed_tokens[i], scheduled[req_id])
         # G2 -> G3 demotions belong to no request: nothing waits for them.
         self._step.stores.extend((None, job) for job in self._manager.take_jobs())
         if events := self._manager.take_events():
@@ -231,6 +245,7 @@ class SchedulerSide:
         if isinstance(worker_meta, KvbmWorkerMetadata):
             self._side_channel = worker_meta.side_channel or self._side_channel
             self._remote_stats = worker_meta.remote or self._remote_stats
+            self._complete_handoffs(worker_meta.grants)
             for result in worker_meta.results:
                 result, tainted = self._suspect.settle(result)
                 self._manager.complete(result)
@@ -301,11 +316,64 @@ class SchedulerSide:
         count = min((request.num_prompt_tokens - 1) // self._block_size, len(block_ids),
                     request.num_computed_tokens // self._block_size)
         count = self._suspect.clean_prefix(block_ids, count)  # never hand off KV that may be wrong
+        if state.granting:
+            count = min(count, state.granting)
         if count < 1:
             return dict(NOTHING_HANDED_OFF)
         hashes = self._blocks(state, count).hashes[:count]
-        self._step.holds.append(HeldRequest(request.request_id, hashes, list(block_ids[:count])))
-        return Handoff(self._side_channel, count, hashes[-1]).to_params()
+        params = Handoff(self._side_channel, count, hashes[-1]).to_params()
+        held = HeldRequest(request.request_id, hashes, list(block_ids[:count]))
+        if state.granting:
+            self._awaiting_grants[request.request_id] = _AwaitedGrant(params, held)
+        else:
+            self._step.holds.append(held)
+        return params
+
+    def _ask_grant(self, req_id: str, state: _RequestState, computed: int, scheduled: int) -> None:
+        """Prefill side: when this step ends a request a router sent for a remote decode (it
+        computes the rest of the prompt and the last token asked for), have the worker grant
+        its prompt's full blocks right after the forward pass."""
+        request = state.request
+        prompt = request.num_prompt_tokens
+        if (state.granting or self._side_channel is None or not wants_handoff(request.kv_transfer_params)
+                or not computed < prompt <= computed + scheduled
+                or request.num_output_tokens + 1 < request.max_tokens):
+            return
+        # A decode computes at least one prompt token itself (see get_num_new_matched_tokens).
+        count = self._suspect.clean_prefix(state.block_ids, min((prompt - 1) // self._block_size,
+                                                                len(state.block_ids)))
+        if count < 1:
+            return
+        state.granting = count
+        hashes = self._blocks(state, count).hashes[:count]
+        self._step.grants.append(HandoffGrant(req_id, hashes, list(state.block_ids[:count])))
+
+    def _complete_handoffs(self, grants: dict[str, BlockGrant]) -> None:
+        """Put this step's grants into the handoffs of the requests that finished in it; withdraw
+        grants whose request did not finish with a handoff; hold by hash those finished whose
+        grant did not come (the worker could not grant: the decode asks the side channel)."""
+        for req_id, grant in grants.items():
+            awaited = self._awaiting_grants.pop(req_id, None)
+            if awaited is None:
+                self._step.revokes.append(req_id)
+                state = self._requests.get(req_id)
+                if state is not None:
+                    state.granting = 0  # still running: if it hands off later, it is held by hash
+                continue
+            held = awaited.held
+            count = self._suspect.clean_prefix(held.block_ids, len(held.hashes))
+            if count < len(held.hashes):  # a load failure reported in this very output
+                self._step.revokes.append(req_id)
+                awaited.params.update(NOTHING_HANDED_OFF if count < 1 else
+                                      Handoff(self._side_channel, count, held.hashes[count - 1]).to_params())
+                if count >= 1:
+                    self._step.holds.append(HeldRequest(req_id, held.hashes[:count], held.block_ids[:count]))
+                continue
+            attach_grant(awaited.params, grant.slice(0, count))
+        for req_id, awaited in self._awaiting_grants.items():
+            logger.warning("kvbm: no grant came for request %s; its decode pulls it by hash", req_id)
+            self._step.holds.append(awaited.held)
+        self._awaiting_grants.clear()
 
     def _handoff_of(self, request: Request) -> Handoff | None:
         handoff = Handoff.from_params(request.kv_transfer_params)
@@ -333,7 +401,8 @@ class SchedulerSide:
     def _release_handoff(self, state: _RequestState) -> None:
         """Free the prefill's hold now (not at its end) when this request will not pull it."""
         if state.handoff is not None:
-            self._step.releases.append((state.handoff.source, (state.handoff.last_hash,)))
+            handoff = state.handoff
+            self._step.releases.append(Release(handoff.source, handoff.last_hash, handoff.grant))
             state.handoff = None
 
     # -- helpers -----------------------------------------------------------------------------
@@ -407,6 +476,12 @@ class SchedulerSide:
         else:
             state.blocks = new
         return state.blocks
+
+
+@dataclasses.dataclass
+class _AwaitedGrant:
+    params: dict[str, Any]  # the handoff request_finished returned: completed in place
+    held: HeldRequest  # what to hold by hash instead, if the grant does not come
 
 
 def _configured_side_channel(config: ConnectorConfig) -> str | None:

@@ -5,6 +5,7 @@ Lives in each vLLM worker process. Per step, vLLM calls (with the scheduler's me
     start_load_kv     -> hold finished prefills' blocks for decode workers; submit this step's
                          loads (synchronous ones finish before it returns)
     wait_for_save     -> submit this step's offloads; they run while the next step computes
+    grant_handoffs    -> (after the forward pass) grant the blocks of prefills ending this step
     get_finished      -> requests whose async loads, or awaited jobs, have all ended
     get_block_ids_with_load_errors -> engine blocks that were not filled: vLLM recomputes them
     build_connector_worker_meta    -> results of finished jobs, for the scheduler to commit
@@ -18,9 +19,11 @@ blocks at once), ``handle_preemptions`` waits for those requests' jobs before th
 the blocks; the other jobs run on. On CUDA both kinds share one thread: they share a staging buffer.
 
 With ``remote`` configured the worker also runs a NIXL endpoint over its engine blocks: it
-pulls handed-off blocks from prefill workers by hash (verified against the prefill's
-checksums; failed blocks become load errors) and holds its own finished prefill requests'
-blocks for decode workers (:class:`HeldBlocks`) until they are read or ``lease_s`` passes.
+grants its own finished prefill requests' blocks to decode workers and holds them
+(:class:`HeldBlocks`) until the reader ends the lease or ``lease_s`` passes without a word from
+it, and it pulls handed-off blocks from prefill workers: those of the grant the request carries,
+or by hash (verified against the prefill's checksums either way; failed blocks become load
+errors).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetad
 
 if TYPE_CHECKING:
     import torch
-    from kvbm.remote import RemoteWorker
+    from kvbm.remote import BlockGrant, RemoteWorker
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
@@ -74,6 +77,8 @@ class WorkerSide:
         self._remote: RemoteWorker | None = None
         self._held: HeldBlocks | None = None
         self._pulls: dict[JobId, tuple[str, np.ndarray]] = {}  # pull job -> (request, engine blocks)
+        self._granted: dict[str, BlockGrant] = {}  # this step's grants, for the scheduler
+        self._leases: dict[str, int] = {}  # granted request -> its lease, until the hold ends
         self._remote_reported: dict | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -118,10 +123,15 @@ class WorkerSide:
         # Holds first, before this step's forward pass: a decode worker may already be asking
         # for the blocks, and a long prefill chunk in this step would keep it waiting past its
         # grant's patience (the blocks were complete when the request finished last step).
+        if meta.revokes:
+            self._revoke(meta.revokes)
         for held in meta.holds:
             self._require(self._held).hold(held.req_id, held.hashes, held.block_ids)
-        for source, hashes in meta.releases:
-            self._require(self._remote).release_hashes(source, hashes)
+        for release in meta.releases:
+            if release.grant is not None:
+                self._require(self._remote).release_grant(release.grant)
+            else:
+                self._require(self._remote).release_hashes(release.source, (release.last_hash,))
         loads = self._require(self._loads)
         synchronous: list[JobId] = []
         for load in meta.loads:
@@ -152,10 +162,40 @@ class WorkerSide:
             for engine in self._engines():
                 engine.wait(jobs)
 
+    def grant_handoffs(self, meta: KvbmConnectorMetadata) -> None:
+        """Grant the prompt blocks of the prefill requests this step ends (after its forward
+        pass: the checksums cover what it wrote). The grants go to the scheduler in this step's
+        worker output, which it reads before vLLM sends the requests' outputs."""
+        for asked in meta.grants:
+            try:
+                grant = self._require(self._remote).grant(Tier.G1, asked.block_ids, asked.hashes)
+            except Exception:  # noqa: BLE001 - the decode then pulls by hash (see scheduler.py)
+                logger.exception("kvbm: could not grant request %s's blocks", asked.req_id)
+                continue
+            # A lease cannot end before this line: expiry is lease_s away, no reader has the
+            # grant yet, and only this thread revokes.
+            self._require(self._held).hold(asked.req_id, asked.hashes, asked.block_ids, lease_id=grant.lease_id)
+            self._granted[asked.req_id] = grant
+            self._leases[asked.req_id] = grant.lease_id
+
+    def _revoke(self, req_ids: list[str]) -> None:
+        """Withdraw grants whose request did not end with a handoff; their holds end now, before
+        this step can hold the same request again by hash."""
+        remote = self._require(self._remote)
+        for req_id in req_ids:
+            lease = self._leases.pop(req_id, None)
+            if lease is not None:
+                remote.source.revoke(lease)
+        self._end_holds()
+
+    def _end_holds(self) -> None:
+        for req_id in self._require(self._held).take_ended():
+            self._leases.pop(req_id, None)
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._collect()
         if self._held is not None:
-            self._held.take_ended()
+            self._end_holds()
         # A request is done only when nothing still writes its blocks: copies, holds, and
         # NIXL pulls (an aborted decode's pull may still be landing).
         pulling = {req_id for req_id, _ in self._pulls.values()}
@@ -176,10 +216,11 @@ class WorkerSide:
     def build_worker_meta(self) -> KvbmWorkerMetadata | None:
         self._collect()
         side_channel, remote = self._remote_news()
-        if not self._results and side_channel is None and remote is None:
+        if not self._results and side_channel is None and remote is None and not self._granted:
             return None
         results, self._results = self._results, []
-        return KvbmWorkerMetadata(results, side_channel, remote)
+        granted, self._granted = self._granted, {}
+        return KvbmWorkerMetadata(results, side_channel, remote, granted)
 
     def shutdown(self) -> None:
         if self._remote is not None:
@@ -227,7 +268,10 @@ class WorkerSide:
 
     def _pull(self, req_id: str, pull) -> None:
         remote = self._require(self._remote)
-        job = remote.pull_hashes(pull.source, pull.hashes, Tier.G1, pull.block_ids)
+        if pull.grant is not None:
+            job = remote.pull(pull.grant, Tier.G1, pull.block_ids)
+        else:
+            job = remote.pull_hashes(pull.source, pull.hashes, Tier.G1, pull.block_ids)
         self._pulls[job] = (req_id, np.asarray(pull.block_ids, dtype=np.int64))
 
     def _pulled(self, result: JobResult) -> None:

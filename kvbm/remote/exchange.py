@@ -7,11 +7,14 @@ op             request                                   reply
 ``grant``      ``reader``, ``hashes`` (base64 of 16-byte  ``grant``: BlockGrant dict or null,
                hashes)                                   ``metadata``: PeerMetadata dict
 ``published``  ``since``: version or null                ``published``: snapshot or delta dict
-``release``    ``hashes`` (as for ``grant``)              ``released``: how many holds ended
+``release``    ``hashes`` (as for ``grant``), ``lease``:  ``released``: how many holds ended
+               a lease id or null
 =============  ========================================  ==========================================
 
 ``release`` tells a source that a reader will not read blocks it holds for it (the reader had
-them already), so the source frees them now instead of at the end of its hold.
+them already), so the source frees them now instead of at the end of its hold. With a ``lease``
+(from a grant the reader was handed in a request) exactly that lease ends; without one, the
+oldest hold ending in one of ``hashes``.
 
 Client functions raise :class:`~kvbm.remote.failures.RemoteError` (UNREACHABLE) for anything
 the peer did not answer properly, including a malformed reply.
@@ -69,14 +72,16 @@ def fetch_published(address: str, since: int | None, timeout_s: float) -> dict[s
     return _parse(address, lambda: dict(reply["published"]))
 
 
-def request_release(address: str, hashes: Sequence[BlockHash], timeout_s: float) -> int:
-    """Tell the worker at ``address`` we will not read the blocks it holds ending in ``hashes``;
+def request_release(address: str, hashes: Sequence[BlockHash], timeout_s: float,
+                    lease_id: int | None = None) -> int:
+    """Tell the worker at ``address`` we will not read the blocks it holds ending in ``hashes``
+    (with ``lease_id``: exactly the blocks of that lease, which must end in one of them);
     returns how many holds it ended.
 
     Raises:
         RemoteError: UNREACHABLE.
     """
-    reply = request(address, {"op": "release", "hashes": join_hashes(list(hashes))}, timeout_s)
+    reply = request(address, {"op": "release", "hashes": join_hashes(list(hashes)), "lease": lease_id}, timeout_s)
     return _parse(address, lambda: int(reply["released"]))
 
 
@@ -84,7 +89,7 @@ def server_handlers(
     metadata: Callable[[], PeerMetadata],
     grant: Callable[[AgentName, tuple[BlockHash, ...]], BlockGrant | None],
     published: Callable[[int | None], dict[str, Any]],
-    release: Callable[[tuple[BlockHash, ...]], int] = lambda hashes: 0,
+    release: Callable[[tuple[BlockHash, ...], int | None], int] = lambda hashes, lease_id: 0,
 ) -> dict[str, Handler]:
     """Handlers for :class:`~kvbm.remote.sidechannel.SideChannelServer` over these callables."""
 
@@ -106,7 +111,10 @@ def server_handlers(
         return {"published": published(since)}
 
     def on_release(req: Mapping[str, Any]) -> dict[str, Any]:
-        return {"released": release(split_hashes(base64.b64decode(req["hashes"])))}
+        lease_id = req.get("lease")
+        if lease_id is not None and (isinstance(lease_id, bool) or not isinstance(lease_id, int)):
+            raise ValueError(f"lease must be an int or null, got {lease_id!r}")
+        return {"released": release(split_hashes(base64.b64decode(req["hashes"])), lease_id)}
 
     return {"metadata": on_metadata, "grant": on_grant, "published": on_published, "release": on_release}
 

@@ -6,6 +6,7 @@ Call order:
     notice(sender, Notice)      # DONE from a reader: released after ``readers`` distinct agents
                                 # HEARTBEAT: expiry moves to now + lease_s
     expire()                    # leases past their expiry end as EXPIRED (call it often)
+    release(lease_id)           # its reader said out of band (side channel) it is done: RELEASED
     revoke(lease_id)            # the source withdraws one lease: it ends as REVOKED
     revoke_all()                # shutdown: every lease ends as REVOKED
 
@@ -165,6 +166,18 @@ class LeaseTable:
         ended = [self._end(i, LeaseEnd.EXPIRED) for i in due]
         self._next_expiry = min((e.expires_at for e in self._entries.values()), default=math.inf)
         return ended
+
+    def get(self, lease_id: LeaseId) -> Lease | None:
+        """The live lease ``lease_id``, or None."""
+        entry = self._entries.get(lease_id)
+        return None if entry is None else entry.lease
+
+    def release(self, lease_id: LeaseId) -> Lease | None:
+        """End one lease now as RELEASED (its reader said, out of band, it is done); returns
+        it, or None for an unknown id."""
+        if lease_id not in self._entries:
+            return None
+        return self._end(lease_id, LeaseEnd.RELEASED)
 
     def revoke(self, lease_id: LeaseId) -> Lease | None:
         """End one lease now as REVOKED; returns it, or None for an unknown id."""

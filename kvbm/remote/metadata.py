@@ -136,6 +136,11 @@ class BlockGrant:
     def __len__(self) -> int:
         return len(self.block_ids)
 
+    def slice(self, first: int, end: int) -> BlockGrant:
+        """Blocks ``first..end`` of this grant, under the same lease (ending it ends all)."""
+        return dataclasses.replace(self, block_ids=self.block_ids[first:end], checksums=self.checksums[first:end],
+                                   hashes=self.hashes[first:end])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,

@@ -151,10 +151,18 @@ class BlockSource:
             raise
         return self._grant_of(lease, sums)
 
-    def release_hashes(self, hashes: Sequence[BlockHash]) -> int:
-        """A reader gives up blocks held for it by their owner (see ``BlockPinner.release``)."""
+    def release_hashes(self, hashes: Sequence[BlockHash], lease_id: int | None = None) -> int:
+        """A reader gives up blocks held for it by their owner: the lease ``lease_id`` when
+        given (it must end in one of ``hashes``: a stray id frees nothing), else by hash (see
+        ``BlockPinner.release``). Returns how many holds ended."""
         with self._lock:
-            return self._pinner.release(hashes)
+            if lease_id is None:
+                return self._pinner.release(hashes)
+            lease = self._leases.get(LeaseId(lease_id))
+            if lease is None or not lease.hashes or lease.hashes[-1] not in hashes:
+                return 0
+            self._leases.release(lease.lease_id)
+            return 1
 
     def revoke(self, lease_id: int) -> None:
         """End a lease now as REVOKED (the owner withdraws it); unknown ids are ignored."""

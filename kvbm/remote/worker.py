@@ -217,6 +217,10 @@ class RemoteWorker:
         it holds ending in ``hashes`` (see :func:`kvbm.remote.exchange.request_release`)."""
         self._pulls.release(address, hashes)
 
+    def release_grant(self, grant: BlockGrant) -> None:
+        """Give up a grant we were handed and will not read (see :meth:`PullEngine.release_grant`)."""
+        self._pulls.release_grant(grant)
+
     def apply_events(self, events: Iterable[KvEvent]) -> int:
         """Fold the manager's stored/removed events into the publication; returns its version."""
         with self._publication_lock:
