@@ -155,7 +155,8 @@ class Forwarder:
                 RELEASE_THREADS, thread_name_prefix="kvbm-router-release")
         future = asyncio.get_running_loop().run_in_executor(
             self._release_pool, exchange.request_release, handoff.source, (handoff.last_hash,),
-            RELEASE_TIMEOUT_S, handoff.grant.lease_id if handoff.grant is not None else None)
+            RELEASE_TIMEOUT_S, *((handoff.grant.lease_id, handoff.grant.source) if handoff.grant is not None
+                                 else (None, None)))
         self._releases.add(future)
         future.add_done_callback(lambda done: self._released(handoff, done))
 

@@ -157,6 +157,25 @@ def test_decode_with_the_blocks_already_releases_the_hold(prefill_server, decode
     assert holds["read"] == before["read"] + 1 and holds["unclaimed"] == before["unclaimed"]
 
 
+def test_a_decode_request_aborted_before_it_ran_releases_its_grant(prefill_server, decode_engine):
+    """The decode's connector hears of a request when vLLM queues it, so a client gone before
+    the request was ever scheduled still frees the prefill's blocks, not only at lease_s."""
+    from vllm import SamplingParams
+
+    before = prefill_server.holds()
+    prompt = "Aborted in the decode's queue: " + "the client leaves before any step " * 20
+    params = prefill(prefill_server, prompt)
+    assert params["kvbm"]["grant"] is not None
+    engine = decode_engine.llm_engine
+    engine.add_request("gone-before-scheduled", prompt,
+                       SamplingParams(temperature=0.0, max_tokens=4, extra_args={"kv_transfer_params": params}))
+    engine.abort_request(["gone-before-scheduled"])  # the external id: vLLM maps it
+    decode(decode_engine, ["the next request's step carries the release"], [None])
+    holds = wait_for(lambda: (h := prefill_server.holds())["read"] > before["read"] and h,
+                     "the aborted request's grant to be released", limit_s=LEASE_S * 0.8)
+    assert holds["unclaimed"] == before["unclaimed"]
+
+
 def redirected(handoff: dict, address: str, *, grant: bool = True) -> dict:
     """``handoff`` as if from a prefill incarnation at ``address`` this decode never met (its
     grant from an unknown agent, so the decode must ask that address for its metadata), or,

@@ -197,8 +197,10 @@ def test_a_release_by_lease_ends_that_lease_only_when_it_names_its_last_hash():
     held.hold("r1", [h(1), h(2)], [10, 11], lease_id=granted.lease_id)
     assert source.release_hashes([h(1)], granted.lease_id) == 0  # not its last hash
     assert source.release_hashes([h(2)], granted.lease_id + 1) == 0  # no such lease
+    # The same lease id from the incarnation before a restart (ids start again at 1).
+    assert source.release_hashes([h(2)], granted.lease_id, "p/0") == 0
     assert held.take_ended() == set()
-    assert source.release_hashes([h(2)], granted.lease_id) == 1
+    assert source.release_hashes([h(2)], granted.lease_id, "p/1") == 1
     assert held.take_ended() == {"r1"} and held.counters().read == 1
     assert source.counters().released == 1 and source.counters().active == 0
 

@@ -600,7 +600,7 @@ class FakePrefillSideChannel:
         with self._lock:
             return [entry[2] for entry in self._log if entry[0] == "release"]
 
-    def _release(self, hashes: tuple[BlockHash, ...], lease_id: int | None = None) -> int:
+    def _release(self, hashes: tuple[BlockHash, ...], lease_id: int | None = None, agent: str | None = None) -> int:
         with self._lock:
             self._log.append(("release", hashes, lease_id))
         return 1

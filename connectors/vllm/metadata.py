@@ -93,6 +93,8 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
             ``req_id`` is None for G2 -> G3 demotions, which no request waits for.
         await_saves: finished requests whose blocks vLLM keeps until the worker reports
             their stores done and their holds ended (``finished_sending``).
+        keeps: grants handed to decode requests that just arrived: heartbeat their leases until
+            they are pulled or released (a request may wait in vLLM's queue longer than a lease).
         grants: prefill requests ending this step whose blocks to grant after the forward pass.
         revokes: requests granted in an earlier step that did not end with a handoff (aborted):
             withdraw their grants.
@@ -107,6 +109,7 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
     loads: list[RequestLoad] = dataclasses.field(default_factory=list)
     stores: list[tuple[str | None, TransferJob]] = dataclasses.field(default_factory=list)
     await_saves: set[str] = dataclasses.field(default_factory=set)
+    keeps: list[BlockGrant] = dataclasses.field(default_factory=list)
     grants: list[HandoffGrant] = dataclasses.field(default_factory=list)
     revokes: list[str] = dataclasses.field(default_factory=list)
     holds: list[HeldRequest] = dataclasses.field(default_factory=list)

@@ -115,6 +115,10 @@ class SchedulerSide:
         self._side_channel = _configured_side_channel(config)  # else learnt from the worker
         self._remote_stats: dict | None = None
         self._fingerprint = fingerprint
+        # Grants are checksummed when the target model's forward ends; with speculative
+        # decoding vLLM's model runner lets the drafter write its KV into the same blocks after
+        # that, so a grant's checksums would never match: such prefills hand off by hash.
+        self._grants_enabled = vllm_config.speculative_config is None
         # The hashes G2/G3 hold, for KV-aware routers (read from the stats server's threads).
         name = config.remote.worker if config.remote is not None else "local"
         self._publication = Publication(name, (Tier.G2, Tier.G3))
@@ -153,6 +157,13 @@ class SchedulerSide:
         # Decided once here: vLLM parks the request (WAITING_FOR_REMOTE_KVS) on this answer.
         state.load_async = blocks > 0 and (self._load_async(request.request_id, blocks) or state.remote_end > 0)
         return blocks * bs, state.load_async
+
+    def on_new_request(self, request: Request) -> None:
+        """A decode request carrying a grant: keep its lease alive from now on, however long
+        vLLM queues the request (an expired lease frees the prefill's blocks under the read)."""
+        state = self._state(request)
+        if state.handoff is not None and state.handoff.grant is not None:
+            self._step.keeps.append(state.handoff.grant)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         state = self._requests.get(request.request_id)
@@ -335,7 +346,8 @@ class SchedulerSide:
         its prompt's full blocks right after the forward pass."""
         request = state.request
         prompt = request.num_prompt_tokens
-        if (state.granting or self._side_channel is None or not wants_handoff(request.kv_transfer_params)
+        if (state.granting or not self._grants_enabled or self._side_channel is None
+                or not wants_handoff(request.kv_transfer_params)
                 or not computed < prompt <= computed + scheduled
                 or request.num_output_tokens + 1 < request.max_tokens):
             return
@@ -364,8 +376,9 @@ class SchedulerSide:
             count = self._suspect.clean_prefix(held.block_ids, len(held.hashes))
             if count < len(held.hashes):  # a load failure reported in this very output
                 self._step.revokes.append(req_id)
-                awaited.params.update(NOTHING_HANDED_OFF if count < 1 else
-                                      Handoff(self._side_channel, count, held.hashes[count - 1]).to_params())
+                # Only our own entry changes: another connector may share the params' top level.
+                awaited.params[KEY] = None if count < 1 else Handoff(
+                    self._side_channel, count, held.hashes[count - 1]).to_params()[KEY]
                 if count >= 1:
                     self._step.holds.append(HeldRequest(req_id, held.hashes[:count], held.block_ids[:count]))
                 continue

@@ -125,6 +125,8 @@ class WorkerSide:
         # grant's patience (the blocks were complete when the request finished last step).
         if meta.revokes:
             self._revoke(meta.revokes)
+        for grant in meta.keeps:
+            self._require(self._remote).pulls.hold(grant)
         for held in meta.holds:
             self._require(self._held).hold(held.req_id, held.hashes, held.block_ids)
         for release in meta.releases:
@@ -167,14 +169,21 @@ class WorkerSide:
         pass: the checksums cover what it wrote). The grants go to the scheduler in this step's
         worker output, which it reads before vLLM sends the requests' outputs."""
         for asked in meta.grants:
+            remote = self._require(self._remote)
             try:
-                grant = self._require(self._remote).grant(Tier.G1, asked.block_ids, asked.hashes)
+                grant = remote.grant(Tier.G1, asked.block_ids, asked.hashes)
             except Exception:  # noqa: BLE001 - the decode then pulls by hash (see scheduler.py)
                 logger.exception("kvbm: could not grant request %s's blocks", asked.req_id)
                 continue
             # A lease cannot end before this line: expiry is lease_s away, no reader has the
             # grant yet, and only this thread revokes.
-            self._require(self._held).hold(asked.req_id, asked.hashes, asked.block_ids, lease_id=grant.lease_id)
+            try:
+                self._require(self._held).hold(asked.req_id, asked.hashes, asked.block_ids,
+                                               lease_id=grant.lease_id)
+            except ValueError:
+                remote.source.revoke(grant.lease_id)
+                logger.exception("kvbm: could not hold request %s's granted blocks", asked.req_id)
+                continue
             self._granted[asked.req_id] = grant
             self._leases[asked.req_id] = grant.lease_id
 
@@ -270,6 +279,7 @@ class WorkerSide:
         remote = self._require(self._remote)
         if pull.grant is not None:
             job = remote.pull(pull.grant, Tier.G1, pull.block_ids)
+            remote.pulls.drop(pull.grant)  # the keep-alive from on_new_request: the job holds it now
         else:
             job = remote.pull_hashes(pull.source, pull.hashes, Tier.G1, pull.block_ids)
         self._pulls[job] = (req_id, np.asarray(pull.block_ids, dtype=np.int64))

@@ -8,7 +8,8 @@ op             request                                   reply
                hashes)                                   ``metadata``: PeerMetadata dict
 ``published``  ``since``: version or null                ``published``: snapshot or delta dict
 ``release``    ``hashes`` (as for ``grant``), ``lease``:  ``released``: how many holds ended
-               a lease id or null
+               a lease id or null, ``agent``: the
+               lease's granting agent or null
 =============  ========================================  ==========================================
 
 ``release`` tells a source that a reader will not read blocks it holds for it (the reader had
@@ -73,15 +74,17 @@ def fetch_published(address: str, since: int | None, timeout_s: float) -> dict[s
 
 
 def request_release(address: str, hashes: Sequence[BlockHash], timeout_s: float,
-                    lease_id: int | None = None) -> int:
+                    lease_id: int | None = None, agent: str | None = None) -> int:
     """Tell the worker at ``address`` we will not read the blocks it holds ending in ``hashes``
-    (with ``lease_id``: exactly the blocks of that lease, which must end in one of them);
-    returns how many holds it ended.
+    (with ``lease_id``: exactly the blocks of that lease, which must end in one of them, granted
+    by ``agent``: a restarted source, whose lease ids start again, ignores it); returns how many
+    holds it ended.
 
     Raises:
         RemoteError: UNREACHABLE.
     """
-    reply = request(address, {"op": "release", "hashes": join_hashes(list(hashes)), "lease": lease_id}, timeout_s)
+    reply = request(address, {"op": "release", "hashes": join_hashes(list(hashes)), "lease": lease_id,
+                              "agent": agent}, timeout_s)
     return _parse(address, lambda: int(reply["released"]))
 
 
@@ -89,7 +92,7 @@ def server_handlers(
     metadata: Callable[[], PeerMetadata],
     grant: Callable[[AgentName, tuple[BlockHash, ...]], BlockGrant | None],
     published: Callable[[int | None], dict[str, Any]],
-    release: Callable[[tuple[BlockHash, ...], int | None], int] = lambda hashes, lease_id: 0,
+    release: Callable[[tuple[BlockHash, ...], int | None, str | None], int] = lambda hashes, lease_id, agent: 0,
 ) -> dict[str, Handler]:
     """Handlers for :class:`~kvbm.remote.sidechannel.SideChannelServer` over these callables."""
 
@@ -114,7 +117,10 @@ def server_handlers(
         lease_id = req.get("lease")
         if lease_id is not None and (isinstance(lease_id, bool) or not isinstance(lease_id, int)):
             raise ValueError(f"lease must be an int or null, got {lease_id!r}")
-        return {"released": release(split_hashes(base64.b64decode(req["hashes"])), lease_id)}
+        agent = req.get("agent")
+        if agent is not None and not isinstance(agent, str):
+            raise ValueError(f"agent must be a string or null, got {agent!r}")
+        return {"released": release(split_hashes(base64.b64decode(req["hashes"])), lease_id, agent)}
 
     return {"metadata": on_metadata, "grant": on_grant, "published": on_published, "release": on_release}
 

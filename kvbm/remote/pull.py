@@ -218,23 +218,25 @@ class PullEngine:
         """Give up a held grant: the source is told (batched) it may free the blocks."""
         self._keeper.release(grant.source, grant.lease_id)
 
-    def release(self, address: str, hashes: Sequence[BlockHash], lease_id: int | None = None) -> None:
+    def release(self, address: str, hashes: Sequence[BlockHash], lease_id: int | None = None,
+                agent: str | None = None) -> None:
         """Send a ``release`` to ``address`` from a background thread; a failure is counted
         (the source frees the blocks at the end of its hold anyway)."""
         future = self._executor().submit(exchange.request_release, address, tuple(hashes), self._timeout_s,
-                                         lease_id)
+                                         lease_id, agent)
         future.add_done_callback(self._count_release)
 
     def release_grant(self, grant: BlockGrant) -> None:
         """Give up a grant handed over in a request without reading it: a DONE notice when the
         source's metadata is loaded (batched, no connection), else a ``release`` of its lease
-        over the source's side channel."""
+        over the source's side channel. A :meth:`hold` of it ends here too."""
+        self._keeper.release(grant.source, grant.lease_id, notify=False)
         if self._transport.has_peer(grant.source):
             self._keeper.queue_done(grant.source, grant.lease_id)
             with self._release_lock:
                 self._counts["releases"] += 1
         elif grant.side_channel and grant.hashes:
-            self.release(grant.side_channel, grant.hashes[-1:], grant.lease_id)
+            self.release(grant.side_channel, grant.hashes[-1:], grant.lease_id, grant.source)
         else:
             with self._release_lock:  # nowhere to say it: the lease expires on the source
                 self._counts["releases_failed"] += 1

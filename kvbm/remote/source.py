@@ -151,13 +151,17 @@ class BlockSource:
             raise
         return self._grant_of(lease, sums)
 
-    def release_hashes(self, hashes: Sequence[BlockHash], lease_id: int | None = None) -> int:
+    def release_hashes(self, hashes: Sequence[BlockHash], lease_id: int | None = None,
+                       agent: str | None = None) -> int:
         """A reader gives up blocks held for it by their owner: the lease ``lease_id`` when
-        given (it must end in one of ``hashes``: a stray id frees nothing), else by hash (see
+        given (it must end in one of ``hashes`` and, with ``agent``, be this incarnation's: a
+        stray id or one from before a restart frees nothing), else by hash (see
         ``BlockPinner.release``). Returns how many holds ended."""
         with self._lock:
             if lease_id is None:
                 return self._pinner.release(hashes)
+            if agent is not None and agent != self._agent:
+                return 0
             lease = self._leases.get(LeaseId(lease_id))
             if lease is None or not lease.hashes or lease.hashes[-1] not in hashes:
                 return 0
