@@ -79,6 +79,7 @@ class WorkerSide:
         self._pulls: dict[JobId, tuple[str, np.ndarray]] = {}  # pull job -> (request, engine blocks)
         self._granted: dict[str, BlockGrant] = {}  # this step's grants, for the scheduler
         self._leases: dict[str, int] = {}  # granted request -> its lease, until the hold ends
+        self._kept: set[tuple[str, int]] = set()  # (source, lease) of grants heartbeated since queued
         self._remote_reported: dict | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -127,10 +128,12 @@ class WorkerSide:
             self._revoke(meta.revokes)
         for grant in meta.keeps:
             self._require(self._remote).pulls.hold(grant)
+            self._kept.add((grant.source, grant.lease_id))
         for held in meta.holds:
             self._require(self._held).hold(held.req_id, held.hashes, held.block_ids)
         for release in meta.releases:
             if release.grant is not None:
+                self._kept.discard((release.grant.source, release.grant.lease_id))
                 self._require(self._remote).release_grant(release.grant)
             else:
                 self._require(self._remote).release_hashes(release.source, (release.last_hash,))
@@ -279,7 +282,11 @@ class WorkerSide:
         remote = self._require(self._remote)
         if pull.grant is not None:
             job = remote.pull(pull.grant, Tier.G1, pull.block_ids)
-            remote.pulls.drop(pull.grant)  # the keep-alive from on_new_request: the job holds it now
+            if (pull.grant.source, pull.grant.lease_id) in self._kept:
+                # The keep-alive from on_new_request ends: the job holds the lease now. (vLLM
+                # skips on_new_request for streaming-input sessions: nothing to end then.)
+                self._kept.discard((pull.grant.source, pull.grant.lease_id))
+                remote.pulls.drop(pull.grant)
         else:
             job = remote.pull_hashes(pull.source, pull.hashes, Tier.G1, pull.block_ids)
         self._pulls[job] = (req_id, np.asarray(pull.block_ids, dtype=np.int64))
