@@ -29,8 +29,11 @@ Contract:
     * Load (token ids, fixed seed, :func:`bench.workloads.shared_documents`): streaming
       completions over 8 shared documents of 256 tokens (about 200 words), each prompt one
       document plus a 16-token question of its own, 32 tokens out; ``streams`` requests in
-      flight, 4 x ``streams`` requests by default (64 at 16 streams, 256 at 64). No request
-      starts after the setup's time budget (the row says how many were skipped).
+      flight, 4 x ``streams`` requests by default (64 at 16 streams, 256 at 64), run ``--rounds``
+      times (3 by default) on the same servers, each round over documents of its own; the
+      figures pool the rounds' requests (one 64-request load lasts seconds, and on a shared
+      machine one such load can move by half). No request starts after the setup's time
+      budget (the row says how many were skipped).
     * Reported per row: output tokens/s, TTFT and inter-token latency p50/p99 (client side),
       each beside its ratio to kvbm aggregated (equal hardware) and to vLLM alone of the same
       model and stream count; failed pulls, recomputed blocks and errors (a request that
@@ -81,6 +84,7 @@ WARMUP = 8  # requests before each measured load: first steps, NIXL handshakes, 
 DOCUMENTS, DOC_TOKENS, QUESTION_TOKENS, ANSWER_TOKENS = 8, 256, 16, 32
 MAX_MODEL_LEN = 1024
 REQUESTS_PER_STREAM = 4
+FULL_ROUNDS = 3
 FULL_BUDGET_S = 900.0  # per setup; bench.disagg's NixlConnector row once ran 25 minutes unbounded
 QUICK_BUDGET_S = 240.0
 QUICK_REQUESTS = 32
@@ -232,27 +236,42 @@ def kvbm_counters(stats_url: str) -> dict[str, float]:
     return values
 
 
-def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, budget_s: float) -> dict:
-    """One row: figures and counter differences, or the setup's error."""
+def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, budget_s: float,
+              rounds: int = 1) -> dict:
+    """One row: figures and counter differences, or the setup's error. The load runs
+    ``rounds`` times on the same servers, each round over documents of its own (so each starts
+    cold, as the first did); the figures pool every round's requests, and ``round_tok_s``
+    gives each round's throughput (the spread a noisy machine leaves)."""
     row = {"model": context.preset, "streams": streams, "setup": spec.key, "name": spec.name}
     engine = EngineSettings(model=context.model, max_model_len=MAX_MODEL_LEN)
-    load = workload(context.vocab, requests)
     load_start = os.getloadavg()[0]
+    results: list[LoadResult] = []
+    errors: list[str] = []
     try:
         with launch(spec, context, engine, context.log_dir / f"{context.preset}-{streams}-{spec.key}") as running:
             _, warm_errors = replay(running.url, context.preset, warmup(context.vocab), min(streams, WARMUP), None)
             if warm_errors:
                 raise RuntimeError(f"warm-up: {len(warm_errors)} of {WARMUP} requests failed: {warm_errors[0]}")
             before = snapshot(running)
-            result, errors = replay(running.url, context.preset, load, streams, budget_s)
+            started = time.perf_counter()
+            for number in range(rounds):
+                left_s = budget_s - (time.perf_counter() - started)
+                result, round_errors = replay(running.url, context.preset, workload(context.vocab, requests, number),
+                                              streams, max(left_s, 0.0))
+                results.append(result)
+                errors += round_errors
             time.sleep(METRICS_SETTLE_S)
             after = snapshot(running)
     except (RuntimeError, OSError, httpx.HTTPError) as error:
         return {**row, "error": f"{type(error).__name__}: {error}"}
     counters = {role: scrape.delta(after[role], before.get(role, {})) for role in after}
+    result = pooled(results)
     sent = len(result.timings) + len(errors)
     row.update(result.summary() if result.timings else {"requests": 0, "skipped": result.skipped})
-    row.update({"workload": f"{load.description}, {streams} at a time", "sent": sent,
+    row.update({"workload": f"{workload(context.vocab, requests).description}, {streams} at a time, "
+                            f"{rounds} round{'s' if rounds > 1 else ''}",
+                "rounds": rounds, "sent": sent,
+                "round_tok_s": [round(r.summary()["output_tok_s"], 1) for r in results if r.timings],
                 "request_errors": len(errors), "error_samples": errors[:3],
                 "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)]})
     row.update(handoff_figures(spec, counters, sent))
@@ -261,8 +280,15 @@ def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, bu
     return row
 
 
-def workload(vocab: int, requests: int) -> Workload:
-    return shared_documents(SEED, vocab, DOCUMENTS, DOC_TOKENS, QUESTION_TOKENS, requests, ANSWER_TOKENS)
+def pooled(results: Sequence[LoadResult]) -> LoadResult:
+    """Every round's requests as one load: throughput over the rounds' summed wall time."""
+    return LoadResult(results[0].workload, results[0].concurrency, sum(r.wall_s for r in results),
+                      tuple(t for r in results for t in r.timings), sum(r.skipped for r in results))
+
+
+def workload(vocab: int, requests: int, number: int = 0) -> Workload:
+    """Round ``number``'s load: its own documents (seeds apart from the warm-up's)."""
+    return shared_documents(SEED + 2 * number, vocab, DOCUMENTS, DOC_TOKENS, QUESTION_TOKENS, requests, ANSWER_TOKENS)
 
 
 def warmup(vocab: int) -> Workload:
@@ -315,6 +341,8 @@ def notes(spec: SetupSpec, row: dict, counters: dict, budget_s: float, cuda: int
     start_load, cores = row.get("load_average", [0])[0], len(os.sched_getaffinity(0))
     if start_load > cores:  # other jobs on the machine: the row's figures are theirs too
         out.append(f"busy machine: load average {start_load:.1f} at start")
+    if len(row.get("round_tok_s", ())) > 1:
+        out.append("tok/s per round " + " / ".join(f"{v:.0f}" for v in row["round_tok_s"]))
     if row.get("skipped"):
         out.append(f"stopped at the {budget_s:.0f} s budget: {row['skipped']} requests not sent")
     if row.get("not_handed_off"):
@@ -536,6 +564,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated, run in this order (default {','.join(SETUPS)})")
     parser.add_argument("--requests", type=int,
                         help=f"measured requests per setup (default {REQUESTS_PER_STREAM} x streams)")
+    parser.add_argument("--rounds", type=int, help=f"loads per setup, each over new documents, pooled "
+                        f"(default {FULL_ROUNDS}, 1 with --quick): a noisy machine moves one short load a lot")
     parser.add_argument("--budget-s", type=float, help=f"per setup: no request starts after it "
                         f"(default {FULL_BUDGET_S:.0f}, {QUICK_BUDGET_S:.0f} with --quick)")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results, "
@@ -546,6 +576,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown setups {unknown}; choose from {','.join(SETUPS)}")
     args.models = args.models or (["tiny"] if args.quick else ["tiny", "bench"])
     args.streams = args.streams or ([16] if args.quick else [16, 64])
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else FULL_ROUNDS
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     args.budget_s = args.budget_s or (QUICK_BUDGET_S if args.quick else FULL_BUDGET_S)
     args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     return args
@@ -563,11 +597,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         for streams in args.streams:
             requests = args.requests or (QUICK_REQUESTS if args.quick else REQUESTS_PER_STREAM * streams)
             results["workloads"][f"{model}, {streams} streams"] = (
-                f"{workload(context.vocab, requests).description}, {streams} at a time")
+                f"{workload(context.vocab, requests).description}, {streams} at a time, "
+                f"{args.rounds} round{'s' if args.rounds > 1 else ''} (new documents each), pooled")
             for key in args.setups:
                 print(f"[{_now()}] {model} model, {streams} streams: {SETUPS[key].name} ...",
                       file=sys.stderr, flush=True)
-                results["rows"].append(run_setup(SETUPS[key], context, streams, requests, args.budget_s))
+                results["rows"].append(run_setup(SETUPS[key], context, streams, requests, args.budget_s, args.rounds))
                 write(results, args.out)  # after every setup: a run cut short keeps its rows
     results["finished"] = _now()
     results["goals"] = {f"{m}/{s}/{k}": [dataclasses.asdict(g) for g in goals]

@@ -180,6 +180,7 @@ class Forwarder:
         first.pop("stream_options", None)
         self._pool.acquire(worker)
         self._stats.count_route(worker.id, Hop.PREFILL)
+        sent_at = self._clock()
         try:
             reply = await self._client.post(worker.url + endpoint.value, json=first)
         except httpx.HTTPError as error:
@@ -191,7 +192,9 @@ class Forwarder:
         if reply.status_code >= 500:
             self._pool.mark(worker, healthy=False, reason=f"prefill answered HTTP {reply.status_code}")
         else:
-            self._pool.progressed(worker, self._clock())
+            now = self._clock()
+            self._pool.progressed(worker, now)
+            self._stats.record_prefill(now - sent_at)
         if reply.status_code >= 400:
             self._stats.count_error(ErrorKind.PREFILL_FAILED)
             return body

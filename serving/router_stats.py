@@ -76,6 +76,7 @@ class RouterStats:
         self.errors: collections.Counter[ErrorKind] = collections.Counter()
         self.routed: collections.Counter[tuple[str, Hop]] = collections.Counter()
         self._ttft: collections.deque[float] = collections.deque(maxlen=window)
+        self._prefill: collections.deque[float] = collections.deque(maxlen=window)  # the prefill hop
         self._itl: collections.deque[float] = collections.deque(maxlen=window)
 
     def count_error(self, kind: ErrorKind) -> None:
@@ -86,6 +87,9 @@ class RouterStats:
 
     def record_ttft(self, seconds: float) -> None:
         self._ttft.append(seconds)
+
+    def record_prefill(self, seconds: float) -> None:
+        self._prefill.append(seconds)
 
     def record_itl(self, seconds: float) -> None:
         self._itl.append(seconds)
@@ -117,6 +121,7 @@ class RouterStats:
             "prefill_failures": self.errors[ErrorKind.PREFILL_FAILED],
             "transfer_failures": self.errors[ErrorKind.KV_PARAMS_MISSING],
             "ttft_s": self._latency(self._ttft),
+            "prefill_s": self._latency(self._prefill),
             "itl_s": self._latency(self._itl),
             "routing": routing,
             "workers": [w.as_json() | {"block_stats": _stats_json(block_stats.get(w.id))}
@@ -151,7 +156,7 @@ class RouterStats:
             "# TYPE kvbm_router_errors_total counter",
         ]
         lines += [f'kvbm_router_errors_total{{kind="{k.value}"}} {self.errors[k]}' for k in ErrorKind]
-        for name, samples in (("ttft", self._ttft), ("itl", self._itl)):
+        for name, samples in (("ttft", self._ttft), ("prefill", self._prefill), ("itl", self._itl)):
             lines.append(f"# TYPE kvbm_router_{name}_seconds summary")
             for q in (50, 99):
                 value = percentile(samples, q)

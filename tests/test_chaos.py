@@ -104,7 +104,7 @@ def chaos_engine(make_engine, tiny_model, g3_dir, sync_loads: bool):
 
 
 def connector_stats(llm) -> dict:
-    return llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
+    return llm.llm_engine.engine_core.engine_core.scheduler.connector.stats.to_dict()
 
 
 @pytest.mark.parametrize("seed, sync_loads", RUNS, ids=[f"{s}-{'sync' if y else 'async'}" for s, y in RUNS])

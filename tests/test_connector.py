@@ -12,12 +12,14 @@ repeats must come back from kvbm's G2.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
 from conftest import greedy
+from kvbm.connectors.vllm.scheduler import STATS_INTERVAL_S
 from kvbm.errors import ConfigError
 from kvbm.serving.vllm_settings import EngineSettings
 
@@ -45,10 +47,14 @@ def tokens(outputs):
     return [list(out.outputs[0].token_ids) for out in outputs]
 
 
+def pool_stats(llm) -> dict:
+    return llm.llm_engine.engine_core.engine_core.scheduler.connector.stats.to_dict()
+
+
 def g2_stats(llm) -> dict:
-    """Block-pool stats of the engine's scheduler-side connector, through vLLM's stats hook."""
+    """Block-pool stats of the engine's scheduler-side connector, taken now."""
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
-    return connector.get_kv_connector_stats().data["tiers"]["g2"]
+    return connector.stats.to_dict()["tiers"]["g2"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +95,33 @@ def test_repeated_long_prefix_is_served_from_g2(connector_engine):
     prompt_blocks = len(first.prompt_token_ids) // BLOCK
     assert again.num_cached_tokens >= (prompt_blocks - 1) * BLOCK
     assert onboarded >= prompt_blocks - 1 - first.num_cached_tokens // BLOCK
+
+
+def test_vllm_stats_hook_is_rate_limited_and_ends_with_the_final_state(connector_engine):
+    """vLLM asks for connector stats every step; a snapshot goes at most once per
+    STATS_INTERVAL_S, and the state the engine idles in always goes (no step follows)."""
+    side = connector_engine.llm_engine.engine_core.engine_core.scheduler.connector._scheduler
+    sent: list[dict] = []
+    hook = side.stats_for_vllm
+
+    def recorded(now: float) -> dict | None:
+        data = hook(now)
+        if data is not None:
+            sent.append(data)
+        return data
+
+    side.stats_for_vllm = recorded
+    try:
+        started = time.monotonic()
+        connector_engine.generate([f"Stats {i} " + "lorem ipsum " * 120 for i in range(6)], greedy(32))
+        elapsed = time.monotonic() - started
+    finally:
+        del side.stats_for_vllm
+    assert sent and sent[-1] == pool_stats(connector_engine)
+    assert len(sent) <= elapsed / STATS_INTERVAL_S + 2
+    connector = connector_engine.llm_engine.engine_core.engine_core.scheduler.connector
+    assert connector.get_kv_connector_stats() is None  # nothing changed since the idle step's
+    assert not connector.has_pending_block_frees()  # every finished request's copies ended
 
 
 def record_load_modes(llm) -> list[bool]:
@@ -176,7 +209,7 @@ def g3_config(directory, **extra):
 
 def tier_stats(llm, tier: str) -> dict:
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
-    return connector.get_kv_connector_stats().data["tiers"][tier]
+    return connector.stats.to_dict()["tiers"][tier]
 
 
 def test_prefix_is_served_from_g3_after_an_engine_restart(make_engine, tiny_model, reference, tmp_path):

@@ -105,3 +105,18 @@ def test_handoff_figures_and_notes_from_counters():
     text = dl.notes(spec, {**figures, "skipped": 3, "load_average": [99.0, 1.0]}, counters, 240, cuda=0)
     assert "busy machine" in text and "3 requests not sent" in text and "timeout 2" in text
     assert dl.handoff_figures(dl.SETUPS[dl.VLLM], {"router": {}}, sent=32) == {}
+
+
+def test_rounds_pool_their_requests_and_each_round_has_its_own_documents():
+    from bench.load import LoadResult, RequestTiming
+
+    fast = LoadResult("documents", 16, 2.0, (RequestTiming(10, 32, 0.1, (0.01,) * 31),) * 2)
+    slow = LoadResult("documents", 16, 6.0, (RequestTiming(10, 32, 0.5, (0.05,) * 31),) * 2, skipped=1)
+    pooled = dl.pooled([fast, slow]).summary()
+    assert pooled["requests"] == 4 and pooled["skipped"] == 1
+    assert pooled["output_tok_s"] == pytest.approx(4 * 32 / 8.0)  # tokens over the summed wall time
+    first, second = (dl.workload(1000, 8, number) for number in (0, 1))
+    assert {r.prompt[:16] for r in first.requests}.isdisjoint({r.prompt[:16] for r in second.requests})
+    assert dl.parse_args(["--quick"]).rounds == 1 and dl.parse_args([]).rounds == dl.FULL_ROUNDS
+    with pytest.raises(SystemExit):
+        dl.parse_args(["--rounds", "0"])

@@ -59,7 +59,7 @@ def scheduler(llm):
 
 
 def g2_stats(llm) -> dict:
-    return scheduler(llm).connector.get_kv_connector_stats().data["tiers"]["g2"]
+    return scheduler(llm).connector.stats.to_dict()["tiers"]["g2"]
 
 
 def evict_g1(llm) -> None:
@@ -206,7 +206,7 @@ class BadSector:
 
 
 def tier_stats(llm, tier: str) -> dict:
-    return scheduler(llm).connector.get_kv_connector_stats().data["tiers"][tier]
+    return scheduler(llm).connector.stats.to_dict()["tiers"][tier]
 
 
 def test_a_block_whose_g3_reads_keep_failing_is_dropped_and_computed(make_engine, tiny_model, reference,
@@ -249,7 +249,7 @@ llm = LLM(**spec)
 first = run(llm, prompts)
 llm.generate([f"Filler {i} " + "xyzzy plugh " * 150 for i in range(8)], SamplingParams(max_tokens=1))
 again = [run(llm, [p])[0] for p in prompts]
-stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
+stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.stats.to_dict()
 print("RESULT", json.dumps({"expected": expected, "first": first, "again": again, "g2": stats["tiers"]["g2"]}))
 """
 

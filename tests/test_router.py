@@ -145,6 +145,7 @@ def test_two_hop_prefill_then_decode_equals_direct(servers, make_router):
     # Plain vLLM prefill returns no kv_transfer_params: decode recomputes, still exact.
     assert snapshot["transfer_failures"] == 4 and snapshot["disaggregated"] == 0
     assert snapshot["prefill_failures"] == 0 and snapshot["succeeded"] == 4
+    assert snapshot["prefill_s"]["count"] == 4 and snapshot["prefill_s"]["p50"] > 0
 
 
 def test_dead_prefill_worker_falls_back_to_aggregated(servers, make_router):
@@ -323,6 +324,7 @@ def test_stats_and_metrics_content(servers, make_router):
     assert (snapshot["requests"], snapshot["succeeded"]) == (3, 2)
     assert snapshot["errors"]["invalid_request"] == 1
     assert snapshot["ttft_s"]["count"] == 2 and 0 < snapshot["ttft_s"]["p50"] <= snapshot["ttft_s"]["p99"]
+    assert snapshot["prefill_s"]["count"] == 0  # no prefill worker: no prefill hop
     # One sample per token event after the first chunk; TCP may coalesce events into that chunk.
     assert 1 <= snapshot["itl_s"]["count"] <= MAX_TOKENS - 1 and snapshot["itl_s"]["p99"] > 0
     assert snapshot["workers"][0] | {"routed": 2, "in_flight": 0} == snapshot["workers"][0]

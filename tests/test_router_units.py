@@ -249,17 +249,20 @@ def test_stats_json_and_prometheus():
     stats.count_error(ErrorKind.KV_PARAMS_MISSING)
     for seconds in (0.1, 0.2, 0.3, 0.4):
         stats.record_ttft(seconds)
+    stats.record_prefill(0.05)
     snapshot = stats.as_json(pool.all())
     assert snapshot["routing"] == {"w1": {"prefill": 1}, "w2": {"decode": 1}}
     assert snapshot["transfer_failures"] == 1
     assert snapshot["ttft_s"] == {"count": 3, "p50": 0.3, "p99": 0.4}
     assert snapshot["itl_s"]["p50"] is None
+    assert snapshot["prefill_s"] == {"count": 1, "p50": 0.05, "p99": 0.05}
     assert [w["id"] for w in snapshot["workers"]] == ["w1", "w2"]
     text = stats.prometheus(pool.all())
     assert "kvbm_router_requests_total 2\n" in text
     assert 'kvbm_router_routed_total{worker="w2",hop="decode"} 1' in text
     assert 'kvbm_router_errors_total{kind="kv_params_missing"} 1' in text
     assert 'kvbm_router_ttft_seconds{quantile="0.5"} 0.300000' in text
+    assert "kvbm_router_prefill_seconds_count 1\n" in text
     assert 'kvbm_router_worker_healthy{worker="w1",state="active"} 1' in text
 
 

@@ -14,6 +14,7 @@ two talk only through connector metadata (see :mod:`.metadata`).
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -27,6 +28,8 @@ from kvbm.connectors.vllm.stats import KvbmConnectorStats, KvbmPromMetrics, Stat
 
 if TYPE_CHECKING:
     import torch
+
+    from kvbm.stats import KvbmStats
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
@@ -129,12 +132,20 @@ class KVBMConnector(KVConnectorBase_V1):
         return self._scheduler.request_finished(request, block_ids)
 
     def has_pending_block_frees(self) -> bool:
-        return self._scheduler is not None and self._scheduler.has_pending_jobs()
+        return self._scheduler is not None and self._scheduler.has_pending_block_frees()
 
     def get_kv_connector_stats(self) -> KvbmConnectorStats | None:
+        # vLLM's per-step hook: a snapshot at most once a second (see stats_for_vllm); read
+        # ``stats`` for one taken now.
         if self._scheduler is None:
             return None
-        return KvbmConnectorStats(data=self._scheduler.stats.to_dict())
+        data = self._scheduler.stats_for_vllm(time.monotonic())
+        return KvbmConnectorStats(data=data) if data is not None else None
+
+    @property
+    def stats(self) -> KvbmStats | None:
+        """The block pool's stats now (scheduler side; None elsewhere)."""
+        return self._scheduler.stats if self._scheduler is not None else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmConnectorStats:

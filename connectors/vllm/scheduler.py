@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 # A prefill that ends like this has no answer to carry a handoff: holding its blocks would
 # only keep them from vLLM until the lease ends.
+STATS_INTERVAL_S = 1.0  # vLLM's stats logger reports every 5 s; Prometheus scrapes every 10-60 s
 _NO_HANDOFF = (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
 
 
@@ -110,8 +112,12 @@ class SchedulerSide:
         # step's worker output: their kv_transfer_params, to complete in place.
         self._awaiting_grants: dict[str, _AwaitedGrant] = {}
         self._running: set[str] = set()  # requests the last step ran, less those finished since
+        # Finished requests whose blocks vLLM frees once their copies end (holds for a decode
+        # worker do not count: they wait on a remote reader, and preempting beats waiting).
+        self._freeing: set[str] = set()
         self._step = KvbmConnectorMetadata()
-        self._stats = self._manager.stats()
+        self._stats_sent: dict | None = None  # the last snapshot vLLM's stats hook returned
+        self._stats_sent_at = -math.inf
         self._side_channel = _configured_side_channel(config)  # else learnt from the worker
         self._remote_stats: dict | None = None
         self._fingerprint = fingerprint
@@ -126,8 +132,25 @@ class SchedulerSide:
 
     @property
     def stats(self) -> KvbmStats:
-        """The latest snapshot (refreshed every step; safe to read from another thread)."""
-        return self._stats
+        """A snapshot taken now. Safe from another thread (the stats server's): it only reads
+        ints, set sizes and a latency array under the GIL, never iterates a container the
+        scheduler thread changes."""
+        return self._manager.stats()
+
+    def stats_for_vllm(self, now: float) -> dict | None:
+        """A snapshot for vLLM's per-step stats hook, or None: one every
+        :data:`STATS_INTERVAL_S` at most, plus the last one when the engine goes idle (no step
+        follows to report it). vLLM calls the hook every step and ships the dict to its
+        frontend; a snapshot (latency quantiles, every counter) each step cost a quarter of the
+        scheduler's own time under load."""
+        idle = not self._running and not self._requests
+        if now - self._stats_sent_at < STATS_INTERVAL_S and not idle:
+            return None
+        data = self._manager.stats().to_dict()
+        if data == self._stats_sent:
+            return None
+        self._stats_sent, self._stats_sent_at = data, now
+        return data
 
     @property
     def remote_stats(self) -> dict | None:
@@ -270,9 +293,11 @@ class SchedulerSide:
                 state = self._requests.get(owner) if owner is not None else None
                 if state is not None:
                     state.jobs.discard(result.job_id)
+                    if not state.jobs:
+                        self._freeing.discard(owner)
         for req_id in output.finished_sending or ():
             self._requests.pop(req_id, None)
-        self._stats = self._manager.stats()
+            self._freeing.discard(req_id)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._running.discard(request.request_id)
@@ -291,6 +316,8 @@ class SchedulerSide:
             self._offer_finished(request, state, block_ids)
         if state.jobs or (params is not None and params.get(KEY) is not None):
             self._step.await_saves.add(request.request_id)
+            if state.jobs:
+                self._freeing.add(request.request_id)
             return True, params
         del self._requests[request.request_id]
         return False, params
@@ -304,8 +331,10 @@ class SchedulerSide:
         """How this worker hashes prompts (the layout fingerprint's fields)."""
         return dataclasses.asdict(self._fingerprint)
 
-    def has_pending_jobs(self) -> bool:
-        return bool(self._job_owner)
+    def has_pending_block_frees(self) -> bool:
+        """Whether finished requests' copies will free blocks soon (vLLM then waits for them
+        instead of preempting a running request); copies of running requests free nothing."""
+        return bool(self._freeing)
 
     def shutdown(self) -> None:
         """Flushes G3's index and releases its directory."""

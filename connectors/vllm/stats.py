@@ -1,9 +1,9 @@
 """kvbm's block-pool stats inside vLLM: connector stats, Prometheus metrics, a JSON endpoint.
 
-The scheduler-side connector snapshots :meth:`BlockManager.stats` every step. The snapshot
-travels to vLLM's stats logger as :class:`KvbmConnectorStats` (vLLM logs it and feeds
-:class:`KvbmPromMetrics`), and is served as JSON and Prometheus text by
-:class:`StatsServer` when ``stats_port`` is configured, beside what KV-aware routers read
+The scheduler-side connector snapshots :meth:`BlockManager.stats` for vLLM's stats logger at
+most once a second (and when the engine goes idle) as :class:`KvbmConnectorStats` (vLLM logs
+it and feeds :class:`KvbmPromMetrics`); :class:`StatsServer`, when ``stats_port`` is
+configured, serves a snapshot taken at each request as JSON and Prometheus text, beside what KV-aware routers read
 (the hashes the worker can serve, and how it hashes prompts).
 """
 

@@ -80,7 +80,7 @@ class WorkerSide:
         self._granted: dict[str, BlockGrant] = {}  # this step's grants, for the scheduler
         self._leases: dict[str, int] = {}  # granted request -> its lease, until the hold ends
         self._kept: set[tuple[str, int]] = set()  # (source, lease) of grants heartbeated since queued
-        self._remote_reported: dict | None = None
+        self._remote_reported: tuple | None = None  # (RemoteStats, HoldCounters, load error blocks)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Registers vLLM's per-layer KV tensors as G1 and allocates G2 to match."""
@@ -311,12 +311,15 @@ class WorkerSide:
         if self._remote is None:
             return None, None
         side_channel = self._remote.side_channel
-        stats = self._remote.stats().to_dict()
-        stats["holds"] = dataclasses.asdict(self._require(self._held).counters())
-        stats["load_error_blocks"] = self._load_errors_reported
-        if stats == self._remote_reported:
+        # Compared as dataclasses (cheap, every step); converted to a dict only on a change.
+        current = (self._remote.stats(), self._require(self._held).counters(), self._load_errors_reported)
+        if current == self._remote_reported:
             return side_channel, None
-        self._remote_reported = stats
+        self._remote_reported = current
+        remote, holds, load_errors = current
+        stats = remote.to_dict()
+        stats["holds"] = dataclasses.asdict(holds)
+        stats["load_error_blocks"] = load_errors
         return side_channel, stats
 
     @staticmethod
