@@ -128,7 +128,7 @@ def main() -> None:
     llm = kvbm_engine({"g2_capacity_bytes": "2GiB"})
     g2_hit = evicted_hits(llm)
     kvbm_tput = throughput(llm, batches, args.settle)
-    stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
+    stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.stats.to_dict()
     shutdown(llm)
 
     with tempfile.TemporaryDirectory(prefix="kvbm-g3-", dir=os.environ.get("KVBM_BENCH_DIR", "/var/tmp")) as g3:
@@ -137,7 +137,7 @@ def main() -> None:
         # three rounds of fillers that follow the prompt, so the prompt comes back from disk.
         llm = kvbm_engine({"g2_capacity_blocks": 400, "g3_dir": g3, "g3_capacity_bytes": "4GiB"})
         g3_hit = evicted_hits(llm, filler_rounds=3)
-        g3_stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.get_kv_connector_stats().data
+        g3_stats = llm.llm_engine.engine_core.engine_core.scheduler.connector.stats.to_dict()
         shutdown(llm)
 
     med = statistics.median

@@ -194,7 +194,8 @@ class Forwarder:
         else:
             now = self._clock()
             self._pool.progressed(worker, now)
-            self._stats.record_prefill(now - sent_at)
+            if reply.status_code < 400:  # a refused request answers fast: not a prefill's time
+                self._stats.record_prefill(now - sent_at)
         if reply.status_code >= 400:
             self._stats.count_error(ErrorKind.PREFILL_FAILED)
             return body

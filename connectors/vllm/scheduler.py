@@ -66,9 +66,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+STATS_INTERVAL_S = 1.0  # vLLM's stats logger reports every 5 s; Prometheus scrapes every 10-60 s
 # A prefill that ends like this has no answer to carry a handoff: holding its blocks would
 # only keep them from vLLM until the lease ends.
-STATS_INTERVAL_S = 1.0  # vLLM's stats logger reports every 5 s; Prometheus scrapes every 10-60 s
 _NO_HANDOFF = (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
 
 
@@ -143,13 +143,18 @@ class SchedulerSide:
         follows to report it). vLLM calls the hook every step and ships the dict to its
         frontend; a snapshot (latency quantiles, every counter) each step cost a quarter of the
         scheduler's own time under load."""
+        # Idle: nothing ran and nothing awaits its copies or a reader. (Steps that only wait
+        # for held blocks stay rate-limited: a prefill steps every millisecond while it holds;
+        # so does a parked streaming session, whose last second then reaches vLLM's logger
+        # only with the next snapshot. The stats endpoint is always current.)
         idle = not self._running and not self._requests
         if now - self._stats_sent_at < STATS_INTERVAL_S and not idle:
             return None
+        self._stats_sent_at = now  # also when unchanged: the next comparison waits its interval
         data = self._manager.stats().to_dict()
         if data == self._stats_sent:
             return None
-        self._stats_sent, self._stats_sent_at = data, now
+        self._stats_sent = data
         return data
 
     @property

@@ -81,7 +81,7 @@ class StatsSource(Protocol):
 
     @property
     def stats(self) -> KvbmStats:
-        """The latest immutable block-pool snapshot."""
+        """An immutable block-pool snapshot, taken at the call."""
 
     @property
     def remote_stats(self) -> dict | None:
