@@ -147,11 +147,13 @@ class BlockManager:
     def pending_jobs(self) -> int:
         return len(self._pending)
 
-    def lookup(self, blocks: HashedBlocks, start: int = 0) -> PrefixMatch:
+    def lookup(self, blocks: HashedBlocks, start: int = 0, count: bool = True) -> PrefixMatch:
         """Longest run of ``blocks[start:]`` held by some tier, and where each block lives.
 
         Counts one sighting of every block for the offload frequency filter, and hits and
-        misses per tier for ``blocks[start:]``. Changes no recency and takes no lease.
+        misses per tier for ``blocks[start:]``, unless ``count`` is False (the same prompt
+        asked again: vLLM re-asks for a waiting request every step until it runs). Changes
+        no recency and takes no lease.
 
         Raises:
             ValueError: wrong block size, or ``start`` outside ``[0, len(blocks)]``.
@@ -160,7 +162,8 @@ class BlockManager:
         n = len(blocks)
         if not 0 <= start <= n:
             raise ValueError(f"start must be in [0, {n}], got {start}")
-        self._filter.note(blocks.hashes)
+        if count:
+            self._filter.note(blocks.hashes)
         pos, tiers, parts = start, [], []
         while pos < n:
             for depth, index in enumerate(self._tiers):
@@ -180,11 +183,11 @@ class BlockManager:
             parts.append(slots[:agreed])
             pos += agreed
             if agreed < len(slots):
-                self._counters[index.tier].token_mismatches += 1
+                self._counters[index.tier].token_mismatches += count
                 break
-        asked = n - start
+        asked = (n - start) if count else 0
         for index in self._tiers:
-            hits = tiers.count(index.tier)
+            hits = tiers.count(index.tier) if count else 0
             counters = self._counters[index.tier]
             counters.hits += hits
             counters.misses += asked - hits

@@ -124,6 +124,21 @@ def test_vllm_stats_hook_is_rate_limited_and_ends_with_the_final_state(connector
     assert not connector.has_pending_block_frees()  # every finished request's copies ended
 
 
+def test_a_request_vllm_asks_about_every_step_it_waits_is_counted_once(connector_engine):
+    """vLLM re-asks get_num_new_matched_tokens for a waiting request every step: one prompt
+    is one sighting for hits, misses and the offload frequency filter."""
+    from vllm.v1.request import Request
+
+    connector = connector_engine.llm_engine.engine_core.engine_core.scheduler.connector
+    request = Request("counted-once", list(range(1000, 1000 + 4 * BLOCK + 1)), greedy(4), None)
+    before = pool_stats(connector_engine)["tiers"]["g2"]
+    for _ in range(3):
+        assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
+    after = pool_stats(connector_engine)["tiers"]["g2"]
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (4, 0)
+    assert connector.request_finished(request, []) == (False, None)  # the state goes
+
+
 def record_load_modes(llm) -> list[bool]:
     """From now on, whether each local load the connector plans is asynchronous."""
     side = llm.llm_engine.engine_core.engine_core.scheduler.connector._scheduler

@@ -90,6 +90,9 @@ class _RequestState:
     # itself keeps the blocks of such a request when it is aborted, until finished_recving.
     loading: bool = False
     jobs: set[JobId] = dataclasses.field(default_factory=set)  # unfinished loads and stores
+    # A lookup was counted (hits, misses, frequency) since the request was last allocated:
+    # vLLM asks again every step it waits, and one prompt is one sighting.
+    lookup_counted: bool = False
 
 
 class SchedulerSide:
@@ -177,7 +180,8 @@ class SchedulerSide:
             # again (it drops a request's blocks when nothing before the failed one loaded),
             # and a fault that persists would make it load and fail forever.
             return 0, False
-        match = self._manager.lookup(self._blocks(state, limit)[:limit], start)
+        match = self._manager.lookup(self._blocks(state, limit)[:limit], start, count=not state.lookup_counted)
+        state.lookup_counted = True
         state.load_start, state.local_blocks = start, match.num_blocks
         remote_end = self._handed_off_blocks(state, limit)
         state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
@@ -197,6 +201,7 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is None:
             return
+        state.lookup_counted = False  # a lookup after a preemption is a new sighting
         if num_external_tokens == 0:
             self._release_handoff(state)  # everything was here already
             return

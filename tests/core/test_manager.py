@@ -181,6 +181,16 @@ def test_min_hits_holds_back_blocks_seen_too_rarely(make_node) -> None:
     assert job.hashes == shared.hashes[:2] and job.src_ids.tolist() == [0, 1]
 
 
+def test_a_lookup_asked_again_counts_no_sighting_hit_or_miss(make_node) -> None:
+    node = make_node(offload_min_hits=2)
+    blocks = make_blocks(3, seed=12)
+    node.manager.lookup(blocks)
+    node.manager.lookup(blocks, count=False)  # the same waiting prompt, asked again
+    assert node.manager.blocks_computed(blocks, [0, 1, 2]) == []  # one sighting: below min_hits
+    g2 = node.manager.stats().tier(Tier.G2)
+    assert (g2.hits, g2.misses) == (0, 3)
+
+
 def test_stats_snapshot_json_and_prometheus(make_node) -> None:
     ticks = itertools.count()
     node = make_node(clock=lambda: next(ticks) * 0.001, g2_capacity_blocks=4)
