@@ -553,6 +553,14 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def resolve_rounds(parser: argparse.ArgumentParser, args: argparse.Namespace, full: int) -> int:
+    """``--rounds`` as given, else 1 with ``--quick`` and ``full`` without; at least 1."""
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else full)
+    if rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {rounds}")
+    return rounds
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -576,10 +584,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown setups {unknown}; choose from {','.join(SETUPS)}")
     args.models = args.models or (["tiny"] if args.quick else ["tiny", "bench"])
     args.streams = args.streams or ([16] if args.quick else [16, 64])
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else FULL_ROUNDS
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    args.rounds = resolve_rounds(parser, args, FULL_ROUNDS)
     args.budget_s = args.budget_s or (QUICK_BUDGET_S if args.quick else FULL_BUDGET_S)
     args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     return args
