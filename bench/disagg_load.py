@@ -561,6 +561,15 @@ def resolve_rounds(parser: argparse.ArgumentParser, args: argparse.Namespace, fu
     return rounds
 
 
+def start_run(module: str, argv: Sequence[str] | None) -> tuple[Path, dict]:
+    """A benchmark run's server log directory and the header of its results (command, start
+    time, machine); a SIGTERM from now on stops the run as Ctrl-C does."""
+    exit_on_sigterm()
+    log_dir = Path(tempfile.mkdtemp(prefix="kvbm-bench-logs-"))
+    command = f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return log_dir, {"command": command, "started": _now(), "machine": describe(), "logs": str(log_dir)}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -592,11 +601,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    exit_on_sigterm()
-    log_dir = Path(tempfile.mkdtemp(prefix="kvbm-bench-logs-"))
-    results = {"command": "python -m bench.disagg_load " + shlex.join(sys.argv[1:] if argv is None else argv),
-               "quick": args.quick, "started": _now(), "machine": describe(), "logs": str(log_dir),
-               "workloads": {}, "rows": []}
+    log_dir, results = start_run("bench.disagg_load", argv)
+    results.update(quick=args.quick, workloads={}, rows=[])
     for model in args.models:
         context = make_context(model, log_dir, args.scratch_dir, cuda_devices())
         for streams in args.streams:

@@ -35,19 +35,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
-import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.disagg_load import pooled, replay, resolve_rounds
+from bench.disagg_load import pooled, replay, resolve_rounds, start_run
 from bench.load import LoadResult
-from bench.machine import cuda_devices, describe, summary
+from bench.machine import cuda_devices, summary
 from bench.measure import RESULTS, make_context
-from bench.stack import Connector, Setup, Stack, exit_on_sigterm
+from bench.stack import Connector, Setup, Stack
 from bench.timing import format_table
 from bench.workloads import Workload, shared_documents
 from kvbm.serving.vllm_settings import EngineSettings
@@ -225,11 +222,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    exit_on_sigterm()
-    log_dir = Path(tempfile.mkdtemp(prefix="kvbm-bench-logs-"))
-    results = {"command": "python -m bench.hot_path " + shlex.join(sys.argv[1:] if argv is None else argv),
-               "started": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-               "machine": describe(), "logs": str(log_dir), "groups": []}
+    log_dir, results = start_run("bench.hot_path", argv)
+    results["groups"] = []
     failed = False
     for model in args.models:
         try:

@@ -183,15 +183,17 @@ class BlockManager:
             parts.append(slots[:agreed])
             pos += agreed
             if agreed < len(slots):
-                self._counters[index.tier].token_mismatches += count
+                if count:
+                    self._counters[index.tier].token_mismatches += 1
                 break
-        asked = (n - start) if count else 0
-        for index in self._tiers:
-            hits = tiers.count(index.tier) if count else 0
-            counters = self._counters[index.tier]
-            counters.hits += hits
-            counters.misses += asked - hits
-            asked -= hits
+        if count:
+            asked = n - start
+            for index in self._tiers:
+                hits = tiers.count(index.tier)
+                counters = self._counters[index.tier]
+                counters.hits += hits
+                counters.misses += asked - hits
+                asked -= hits
         slots = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         return PrefixMatch(start, tuple(tiers), slots, self._block_size)
 

@@ -3,8 +3,8 @@
 The scheduler-side connector snapshots :meth:`BlockManager.stats` for vLLM's stats logger at
 most once a second (and when the engine goes idle) as :class:`KvbmConnectorStats` (vLLM logs
 it and feeds :class:`KvbmPromMetrics`); :class:`StatsServer`, when ``stats_port`` is
-configured, serves a snapshot taken at each request as JSON and Prometheus text, beside what KV-aware routers read
-(the hashes the worker can serve, and how it hashes prompts).
+configured, serves a snapshot taken at each request as JSON and Prometheus text, beside what
+KV-aware routers read (the hashes the worker can serve, and how it hashes prompts).
 """
 
 from __future__ import annotations
