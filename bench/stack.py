@@ -7,7 +7,8 @@ it stops what it started and raises. :meth:`Stack.stop` (or leaving the ``with``
 stops the router, then every server, and removes the scratch directories.
 
 Every setup is served through the router, also the one-server ones, so all rows pay the
-same extra HTTP hop. A disaggregated setup has one prefill and one decode worker: the
+same extra HTTP hop. The router runs in a process of its own (``kvbm router``), as under
+``kvbm serve``: inside the benchmark's process it would share one GIL with the load generator. A disaggregated setup has one prefill and one decode worker: the
 router sends each request to the prefill worker (``max_tokens=1``,
 ``kv_transfer_params={"do_remote_decode": true}``) and then to the decode worker with the
 ``kv_transfer_params`` the prefill returned, which kvbm and vLLM's NixlConnector both use.
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +39,6 @@ from typing import Any
 import httpx
 
 from bench import scrape
-from kvbm.serving.router import Router, RouterServer
-from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.serve import cpu_groups
 from kvbm.serving.server_process import VLLMServer, free_port
 from kvbm.serving.vllm_settings import EngineSettings
@@ -110,6 +111,58 @@ class StackWorker:
     stats_url: str | None  # kvbm's block-pool stats endpoint
 
 
+class RouterProcess:
+    """``python -m kvbm.serving router`` over a stack's workers, in a session of its own. It
+    binds a port the OS picks (a port chosen here could be taken before it binds: servers
+    still starting bind theirs late) and names its URL in its log."""
+
+    def __init__(self, served_name: str, workers: list[StackWorker], log: Path) -> None:
+        self.url = ""
+        self._command = [sys.executable, "-m", "kvbm.serving", "router", "--model-name", served_name,
+                         "--port", "0", "--request-timeout-s", str(REQUEST_TIMEOUT_S),
+                         "--health-interval-s", str(HEALTH_INTERVAL_S)]
+        for worker in workers:
+            self._command += ["--worker", f"{worker.role.value}={worker.server.url}"
+                              + (f",{worker.stats_url}" if worker.stats_url else "")]
+        self._log = log
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Spawns the router and waits until it says it is ready.
+
+        Raises:
+            RuntimeError: it exited or was not ready within START_TIMEOUT_S.
+        """
+        with open(self._log, "ab") as log:
+            start = log.tell()
+            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with open(self._log, "rb") as log:
+                log.seek(start)
+                text = log.read().decode(errors="replace")
+            if found := re.search(r"^router (http://\S+) serving", text, re.MULTILINE):
+                if "\nready" in text[found.end():]:
+                    self.url = found.group(1)
+                    return
+            if self._process.poll() is not None:
+                raise RuntimeError(f"the router exited with {self._process.returncode} (log: {self._log})")
+            time.sleep(POLL_S)
+        raise RuntimeError(f"the router was not ready within {START_TIMEOUT_S:.0f} s (log: {self._log})")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+
 class Stack:
     """The servers and router of one :class:`Setup` (see the module contract).
 
@@ -131,7 +184,7 @@ class Stack:
         self._scratch = Path(tempfile.mkdtemp(prefix="kvbm-bench-", dir=scratch_dir))
         self._cuda_devices = cuda_devices
         self.workers: list[StackWorker] = []
-        self._router: RouterServer | None = None
+        self._router: RouterProcess | None = None
 
     @property
     def url(self) -> str:
@@ -147,11 +200,8 @@ class Stack:
             while pending:
                 pending = [s for s in pending if not s.poll_start()]
                 time.sleep(POLL_S if pending else 0)
-            router = Router(RouterConfig(model_name=self._served_name, request_timeout_s=REQUEST_TIMEOUT_S,
-                                         health_interval_s=HEALTH_INTERVAL_S))
-            for worker in self.workers:
-                router.add_worker(worker.role, worker.server.url, worker.stats_url)
-            self._router = RouterServer(router).start()
+            self._router = RouterProcess(self._served_name, self.workers, self._log_dir / f"{self._slug()}-router.log")
+            self._router.start()
         except BaseException:
             self.stop()
             raise

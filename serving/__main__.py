@@ -6,6 +6,8 @@ Commands:
     demo    the same stack (1 prefill + 1 decode on the embedded model by default): a few
             completions, their TTFT and every worker's block stats, then a clean stop;
             ``--prefill 0`` serves them aggregated
+    router  kvbm's router alone, over vLLM servers already running (``--worker ROLE=URL``),
+            until Ctrl-C or SIGTERM; restarting it restarts no worker
     model   build (once) the embedded model and print its directory
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -22,11 +25,13 @@ from pathlib import Path
 import httpx
 
 from kvbm.serving.embedded_model import PRESETS, ensure_model
+from kvbm.serving.router import Router, RouterServer
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.serve import (ServeOptions, ServeStack, describe, serve_until_signal,
                                 signals_interrupt)
 from kvbm.serving.server_process import ServerStartError
 from kvbm.serving.vllm_settings import EngineSettings
+from kvbm.serving.workers import WorkerRole
 
 # Two prompts share this prefix (several KV blocks), so the second reuses its blocks.
 SHARED_PREFIX = (
@@ -105,6 +110,39 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return serve_until_signal(options)
+
+
+def _worker_arg(value: str) -> tuple[WorkerRole, str, str | None]:
+    """``ROLE=URL[,STATS_URL]`` -> (role, url, stats url)."""
+    role, _, rest = value.partition("=")
+    url, _, stats_url = rest.partition(",")
+    roles = ", ".join(r.value for r in WorkerRole)
+    if role not in {r.value for r in WorkerRole} or not url:
+        raise argparse.ArgumentTypeError(f"expected ROLE=URL[,STATS_URL] with ROLE one of {roles}, got {value!r}")
+    return WorkerRole(role), url, stats_url or None
+
+
+def run_router(args: argparse.Namespace) -> int:
+    """Serves a router over the given workers until SIGINT/SIGTERM (uvicorn's handlers)."""
+    try:
+        router = Router(RouterConfig(model_name=args.model_name, request_timeout_s=args.request_timeout_s,
+                                     health_interval_s=args.health_interval_s, **router_fields(args)))
+        for role, url, stats_url in args.worker:
+            router.add_worker(role, url, stats_url)
+        server = RouterServer(router)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) else 1
+    print(f"router {server.url} serving model {args.model_name!r}; workers:",
+          *(f"  {role.value} {url}" for role, url, _ in args.worker), "ready (Ctrl-C or SIGTERM stops)",
+          sep="\n", flush=True)
+    # uvicorn handles SIGINT/SIGTERM while it serves, then raises the signal again to the
+    # handler it found: this one, so the process ends with "stopped" and 0, not killed.
+    for name in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(name, lambda signum, frame: server.request_stop())
+    server.serve_forever()
+    print("stopped", flush=True)
+    return 0
 
 
 def _complete(client: httpx.Client, model: str, prompt: str, stream: bool,
@@ -218,6 +256,20 @@ def _stack_flags(parser: argparse.ArgumentParser, dtype: str) -> None:
                              "--kvbm-config sets g3_capacity_bytes); a restart on DIR comes back warm")
 
 
+def _router_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="router address (default: loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="router port (default: 8000)")
+    parser.add_argument("--admin-token", default=None,
+                        help="bearer token for /admin routes (required off loopback)")
+    defaults = RouterConfig(model_name="any")  # the defaults the flags show
+    parser.add_argument("--queue-size", type=_count(0), default=defaults.queue_size,
+                        help="requests that may wait for a worker when none can take them; one "
+                             f"more gets a 503 at once; 0: no waiting (default: {defaults.queue_size})")
+    parser.add_argument("--queue-timeout-s", type=_seconds, default=defaults.queue_timeout_s,
+                        metavar="SECONDS", help="longest a request waits for a worker before its 503 "
+                                                f"(default: {defaults.queue_timeout_s:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per command; ``args.run(args)`` runs it."""
     parser = argparse.ArgumentParser(prog="kvbm", description=__doc__,
@@ -226,18 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="prefill + decode workers behind a router")
     _stack_flags(serve, dtype="bfloat16")
-    serve.add_argument("--host", default="127.0.0.1", help="router address (default: loopback)")
-    serve.add_argument("--port", type=int, default=8000, help="router port (default: 8000)")
-    serve.add_argument("--admin-token", default=None,
-                       help="bearer token for /admin routes (required off loopback)")
-    defaults = RouterConfig(model_name="any")  # the defaults the flags show
-    serve.add_argument("--queue-size", type=_count(0), default=defaults.queue_size,
-                       help="requests that may wait for a worker when none can take them; one "
-                            f"more gets a 503 at once; 0: no waiting (default: {defaults.queue_size})")
-    serve.add_argument("--queue-timeout-s", type=_seconds, default=defaults.queue_timeout_s,
-                       metavar="SECONDS", help="longest a request waits for a worker before its 503 "
-                                               f"(default: {defaults.queue_timeout_s:g})")
+    _router_flags(serve)
     serve.set_defaults(run=run_serve)
+
+    router = commands.add_parser("router", help="the router alone, over running vLLM servers")
+    router.add_argument("--model-name", required=True, help="the model name the workers serve")
+    router.add_argument("--worker", type=_worker_arg, action="append", default=[], metavar="ROLE=URL[,STATS_URL]",
+                        help="a running worker (repeat): ROLE prefill, decode or aggregated; STATS_URL "
+                             "its kvbm stats endpoint")
+    _router_flags(router)
+    defaults = RouterConfig(model_name="any")
+    router.add_argument("--request-timeout-s", type=_seconds, default=defaults.request_timeout_s,
+                        metavar="SECONDS", help="limit on one worker exchange "
+                                                f"(default: {defaults.request_timeout_s:g})")
+    router.add_argument("--health-interval-s", type=_seconds, default=defaults.health_interval_s,
+                        metavar="SECONDS", help=f"health probe period (default: {defaults.health_interval_s:g})")
+    router.set_defaults(run=run_router)
 
     demo = commands.add_parser("demo", help="the serve stack answers a few completions, then stops")
     _stack_flags(demo, dtype="float32")

@@ -326,6 +326,9 @@ class Router:
 KEEP_ALIVE_S = 65
 
 
+BACKLOG = 2048  # uvicorn's default
+
+
 class RouterServer:
     """Runs a :class:`Router` under uvicorn on ``config.host``/``config.port``.
 
@@ -348,6 +351,9 @@ class RouterServer:
             self._socket.close()
             raise OSError(error.errno, f"cannot bind the router to {config.host}:{config.port}: "
                                        f"{error.strerror}") from None
+        # Listening from here on: a client told the address (``kvbm router`` prints it before
+        # uvicorn starts) waits in the backlog instead of being refused.
+        self._socket.listen(BACKLOG)
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(
             router.app, log_level="warning", lifespan="on", access_log=False,
@@ -380,6 +386,10 @@ class RouterServer:
             time.sleep(poll_s)
         self.stop()
         raise RuntimeError(f"router on {self.url} did not start")
+
+    def request_stop(self) -> None:
+        """Asks uvicorn to exit (safe from a signal handler); :meth:`serve_forever` returns."""
+        self._server.should_exit = True
 
     def stop(self, join_s: float = 30.0) -> None:
         """Asks uvicorn to exit and joins its thread; idempotent."""

@@ -18,6 +18,7 @@ def test_ratios_pool_rounds_and_spread_compares_each_round_with_vllm_in_the_same
     kvbm = rows["kvbm-g2"]
     assert kvbm["tok_s_ratio"] == pytest.approx(3.0 / 5.0)  # 256 tokens / 5 s against / 3 s
     assert kvbm["tok_s_ratio_spread"] == pytest.approx([0.5, 1.0])
+    assert kvbm["tok_s_ratio_median"] == pytest.approx(0.75)
     assert kvbm["itl_p50_ratio"] == pytest.approx(1.1) and kvbm["itl_p99_ratio"] == pytest.approx(1.2)
     assert rows["vllm"]["tok_s_ratio"] == 1.0
 
@@ -29,6 +30,18 @@ def test_goals_per_workload_and_setup():
     assert hp.goals("cold", "router", {"tok_s_ratio": 0.96, "itl_p50_ratio": 2.0}) == [("tok/s >=0.95x", True)]
     assert hp.goals("hit", "kvbm-g2", {"tok_s_ratio": 1.0, "itl_p50_ratio": 1.0}) == [("tok/s >1x", False)]
     assert hp.goals("cold", "vllm", fine) == [] and hp.goals("hit", "router", fine) == []
+    # One stalled round (pooled 0.9x) does not decide: the median of the rounds does.
+    stalled = {"tok_s_ratio": 0.9, "tok_s_ratio_median": 0.99, "itl_p50_ratio": 1.0}
+    assert [met for _, met in hp.goals("cold", "kvbm-g2", stalled)] == [True, True]
+    assert hp.goals("hit", "kvbm-g2", {**stalled, "tok_s_ratio_median": 0.98}) == [("tok/s >1x", False)]
+
+
+def test_setups_subset_keeps_vllm_alone_and_the_routers_server():
+    args = hp.parse_args(["--setups", "router", "--loads", "cold"])
+    assert [row.key for row in args.setups] == ["vllm", "kvbm-g2", "router"] and args.loads == ["cold"]
+    assert [row.key for row in hp.parse_args([]).setups] == [row.key for row in hp.SETUPS]
+    with pytest.raises(SystemExit):
+        hp.parse_args(["--setups", "kvbm-g9"])
 
 
 def test_rounds_rotate_the_order_and_each_round_has_its_own_documents():

@@ -273,6 +273,36 @@ def test_disaggregated_output_equals_a_single_server(served, stream):
     assert prefill_hops(served.url) - before == len(bodies)
 
 
+def test_a_router_of_its_own_serves_the_running_workers_and_its_stop_stops_none(served):
+    """``kvbm router`` over the stack's workers: disaggregated, token-equal, and SIGTERM ends
+    the router alone (the workers go on serving)."""
+    workers = [f"--worker={w['role']}={w['url']}" + (f",{w['stats_url']}" if w["stats_url"] else "")
+               for w in httpx.get(served.url + "/admin/workers").json()]
+    assert len(workers) == 2
+    process = subprocess.Popen([sys.executable, "-m", "kvbm.serving", "router", "--model-name", MODEL,
+                                "--port", "0", *workers], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = read_until(process, "ready")
+        router = next(line.split()[1] for line in lines if line.startswith("router http://"))
+        for body in (completion_body(LONG_PROMPTS[1], True), chat_body(False)):
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            assert text_of(post(router, path, body)) == served.expected(path, body)
+        assert stats_of(router)["disaggregated"] == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and out.splitlines()[-1] == "stopped", out
+    body = completion_body(LONG_PROMPTS[0])
+    assert text_of(post(served.url, "/v1/completions", body)) == served.expected("/v1/completions", body)
+
+
+def test_router_command_names_a_bad_worker_flag():
+    done = subprocess.run([sys.executable, "-m", "kvbm.serving", "router", "--model-name", MODEL,
+                           "--worker", "middle=http://127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "ROLE one of prefill, decode, aggregated, got 'middle=" in done.stderr
+
+
 def stats_of(url: str) -> dict:
     return httpx.get(url + "/stats", timeout=30).json()
 

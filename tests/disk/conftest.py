@@ -137,6 +137,16 @@ def build_node(
     return DiskNode(manager, engine, layers, g2, disk, config)
 
 
+def written_and_closed(directory: Path, seed: int, g3_blocks: int = 8) -> tuple[KvbmConfig, HashedBlocks]:
+    """A G3 directory holding 4 blocks (G1 ids 0-3) of ``make_blocks(4, seed)``, closed."""
+    config = g3_config(directory, g3_blocks=g3_blocks)
+    blocks = make_blocks(4, seed=seed)
+    node = build_node(config)
+    node.write(blocks, [0, 1, 2, 3])
+    node.close()
+    return config, blocks
+
+
 @pytest.fixture
 def make_disk_node() -> Iterator[Callable[..., DiskNode]]:
     nodes: list[DiskNode] = []

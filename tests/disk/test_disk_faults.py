@@ -17,7 +17,8 @@ import pytest
 from kvbm.ids import Tier
 from kvbm.tiers import disk_store
 
-from .conftest import STRIDE, build_node, g3_config, make_blocks, make_fingerprint, run_diskproc, slot_file
+from .conftest import (STRIDE, build_node, g3_config, make_blocks, make_fingerprint, run_diskproc, slot_file,
+                       written_and_closed)
 
 G2, G3 = Tier.G2, Tier.G3
 
@@ -103,11 +104,7 @@ def test_records_past_a_truncated_file_are_dropped_at_open(tmp_path: Path) -> No
 
 def test_index_records_kvbm_did_not_write_are_dropped(tmp_path: Path) -> None:
     directory = tmp_path / "g3"
-    config = g3_config(directory, g3_blocks=8)
-    a = make_blocks(4, seed=4)
-    node = build_node(config)
-    node.write(a, [0, 1, 2, 3])
-    node.close()
+    config, a = written_and_closed(directory, seed=4)
     env = lmdb.open(str(directory / "index"), max_dbs=2)
     db = env.open_db(b"blocks")
     with env.begin(write=True, db=db) as txn:

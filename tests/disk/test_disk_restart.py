@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import pytest
 
 from kvbm.events import BlockRemoved, BlockStored
 from kvbm.ids import BlockHash, Tier
+from kvbm.tiers.disk_index import INDEX_SYNC_S, IndexSyncer
 from kvbm.tiers.disk_layout import G3LayoutError
 
-from .conftest import build_node, g3_config, make_blocks, make_fingerprint, run_diskproc, start_diskproc
+from .conftest import (build_node, g3_config, make_blocks, make_fingerprint, run_diskproc, start_diskproc,
+                       written_and_closed)
 
 G2, G3 = Tier.G2, Tier.G3
 
@@ -136,3 +139,51 @@ def test_another_fingerprint_is_refused_or_wiped_across_processes(tmp_path: Path
         assert node.manager.lookup(make_blocks(8, seed=5)).num_blocks == 0
     finally:
         node.close()
+
+
+def test_an_index_lmdb_cannot_read_is_refused_or_wiped(tmp_path: Path, caplog) -> None:
+    """What a system crash between two index syncs can leave (see kvbm.tiers.disk_index)."""
+    directory = tmp_path / "g3"
+    config, a = written_and_closed(directory, seed=6)
+    (directory / "index" / "data.mdb").write_bytes(b"\xa5" * 8192)  # torn pages, meta included
+    with caplog.at_level(logging.ERROR), pytest.raises(G3LayoutError, match="index cannot be read"):
+        build_node(config)
+    assert any("never served from" in r.message for r in caplog.records)
+    wipe = g3_config(directory, g3_blocks=8, g3_on_mismatch="wipe")
+    node = build_node(wipe)
+    try:
+        assert node.manager.stats().tier(G3).used_blocks == 0
+        assert node.manager.lookup(a).num_blocks == 0
+        b = make_blocks(4, seed=7)
+        node.write(b, [4, 5, 6, 7])  # the tier works again, in the slots A had
+    finally:
+        node.close()
+    node = build_node(config)
+    try:
+        assert node.manager.lookup(b).tiers == (G3,) * 4
+    finally:
+        node.close()
+
+
+def test_index_commits_are_flushed_by_the_syncer_thread_not_the_caller() -> None:
+    class Env:
+        def __init__(self) -> None:
+            self.threads: list[str] = []
+            self.synced = threading.Event()
+
+        def sync(self, force: bool) -> None:
+            assert force
+            self.threads.append(threading.current_thread().name)
+            self.synced.set()
+
+    env = Env()
+    syncer = IndexSyncer(env, "test-index")  # type: ignore[arg-type]
+    try:
+        assert not env.synced.wait(2 * INDEX_SYNC_S)  # nothing committed: no sync
+        syncer.committed()
+        syncer.committed()
+        assert env.synced.wait(60)
+        assert env.threads == ["kvbm-g3-index-sync"]  # one sync for both commits
+    finally:
+        syncer.close()
+    assert env.threads[-1] == threading.current_thread().name  # close flushes what is left
