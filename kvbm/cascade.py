@@ -5,7 +5,11 @@ forwards to it; this module holds no state the manager does not hand it.
 
 Demotion (G2 -> G3) follows the offload policy:
 
-- ``WRITE_THROUGH``: every block committed into G2 from G1 is demoted right after its commit.
+- ``WRITE_THROUGH``: every block committed into G2 from G1 is demoted after its commit, in
+  batches: one write-through demotion job is in flight at a time, and the blocks committed
+  meanwhile wait for the next (a job per engine step cost a disk flush and a wake-up of the
+  I/O threads per step, on the cores the forward pass computes on). A block evicted from G2
+  before its turn is not demoted.
 - ``ON_EVICTION``: a block is demoted when it is about to be evicted from G2, never evicted
   undemoted. Before a store of ``w`` new blocks into G2 that needs ``d`` evictions, the next
   ``d + a`` eviction candidates are examined, where ``a`` is what a second store of ``w``
@@ -100,16 +104,23 @@ class G3Cascade:
         self._block_bytes = block_bytes
         self._outbox: list[TransferJob] = []
         self._failures = failures
+        self._backlog: dict[BlockHash, None] = {}  # committed under WRITE_THROUGH, to demote next
+        self._demotes_in_flight = 0
 
     def take_jobs(self) -> list[TransferJob]:
-        """Demotion jobs planned since the last call, in planning order."""
+        """Demotion jobs planned since the last call, in planning order; the write-through
+        backlog becomes one job when no demotion is in flight."""
+        if self._backlog and not self._demotes_in_flight:
+            backlog, self._backlog = list(self._backlog), {}
+            self.demote(backlog)
         jobs, self._outbox = self._outbox, []
         return jobs
 
     def committed_to_g2(self, hashes: Sequence[BlockHash]) -> None:
-        """Blocks just committed into G2 from the engine: demote them under WRITE_THROUGH."""
-        if self._policy is OffloadPolicy.WRITE_THROUGH and hashes:
-            self.demote(hashes)
+        """Blocks just committed into G2 from the engine: under WRITE_THROUGH they join the
+        backlog that :meth:`take_jobs` demotes."""
+        if self._policy is OffloadPolicy.WRITE_THROUGH:
+            self._backlog.update(dict.fromkeys(hashes))
 
     def g2_evictions(self, hashes: Sequence[BlockHash]) -> int | None:
         """How many G2 blocks a store of ``hashes`` may evict (None: no limit), demoting the
@@ -145,6 +156,7 @@ class G3Cascade:
         )
         self._pending[job.job_id] = Pending(Kind.DEMOTE, Tier.G3, res.hashes, sums)
         self._outbox.append(job)
+        self._demotes_in_flight += 1
         return res.hashes
 
     def onboard_via_g2(
@@ -174,6 +186,7 @@ class G3Cascade:
 
     def complete_demote(self, pending: Pending, result: JobResult, ok: np.ndarray, corrupt: np.ndarray) -> None:
         """Apply a G2 -> G3 result (validated by the manager): ``ok`` per position."""
+        self._demotes_in_flight -= 1
         g2, g3 = self._g2, self._g3
         hashes = pending.hashes
         g2.complete_load(hashes)

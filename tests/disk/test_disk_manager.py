@@ -55,18 +55,25 @@ def test_write_through_demotes_under_a_lease_and_serves_from_g3(tmp_path: Path, 
     assert (g3.used_blocks, g3.pinned_blocks, g3.transfers, g3.transfer_failures) == (8, 0, 3, 0)
 
 
-def test_demotions_come_only_from_take_jobs(tmp_path: Path, make_disk_node) -> None:
+def test_write_through_demotions_come_only_from_take_jobs_one_batch_at_a_time(tmp_path: Path, make_disk_node) -> None:
     node = make_disk_node(g3_config(tmp_path / "g3", g2_capacity_blocks=8))
-    blocks = make_blocks(4, seed=2)
-    node.fill_g1(range(4), blocks.hashes)
-    node.run(node.manager.blocks_computed(blocks[:2], [0, 1]))
-    [offload] = node.manager.blocks_computed(blocks[2:], [2, 3])  # nothing but its own offload
-    assert (offload.src, offload.dst, offload.hashes) == (G1, G2, blocks.hashes[2:])
+    mgr = node.manager
+    blocks = make_blocks(6, seed=2)
+    node.fill_g1(range(6), blocks.hashes)
+    node.run(mgr.blocks_computed(blocks[:2], [0, 1]))
+    [offload] = mgr.blocks_computed(blocks[2:4], [2, 3])  # nothing but its own offload
+    assert (offload.src, offload.dst, offload.hashes) == (G1, G2, blocks.hashes[2:4])
     node.run([offload])
-    assert [(j.src, j.dst, j.hashes) for j in node.manager.take_jobs()] == [
-        (G2, G3, blocks.hashes[:2]), (G2, G3, blocks.hashes[2:]),
-    ]
-    assert node.manager.take_jobs() == []
+    [first] = mgr.take_jobs()  # both commits in one job
+    assert (first.src, first.dst, first.hashes) == (G2, G3, blocks.hashes[:4])
+    node.run(mgr.blocks_computed(blocks[4:], [4, 5]))
+    assert mgr.take_jobs() == []  # the next batch waits for the one in flight
+    node.run([first])
+    [second] = mgr.take_jobs()
+    assert (second.src, second.dst, second.hashes) == (G2, G3, blocks.hashes[4:])
+    node.run([second])
+    assert mgr.take_jobs() == []
+    assert mgr.stats().tier(G3).blocks_offloaded == 6
 
 
 def test_on_eviction_demotes_ahead_and_never_evicts_an_undemoted_block(tmp_path: Path, make_disk_node) -> None:
