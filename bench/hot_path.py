@@ -10,7 +10,7 @@ Contract:
       round), so the machine's noise falls on all of them alike. An idle server is not free:
       vLLM's worker spins on a core for a second after its last work (each load starts
       :data:`SETTLE_S` after the one before), and these VMs run a DAMON ``pageout`` scheme
-      that drops file pages idle for ~6 s (a server's torch and vLLM code), so the first
+      that drops file pages idle for a minute (a server's torch and vLLM code), so the first
       seconds of work after that stall re-reading them. Each measured load therefore follows
       a short untimed load on the same server (:data:`TOUCH_REQUESTS` cold requests).
     * Setups (:data:`SETUPS`): vLLM alone (no connector); vLLM + kvbm G2 (write-through, the
