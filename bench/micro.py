@@ -71,7 +71,7 @@ def run(micro: Micro, quick: bool, scratch: Path) -> dict:
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     out = {"command": "python -m " + " ".join([micro.module, *args]), "seconds": time.perf_counter() - start,
-           "output": "\n".join(l for l in done.stdout.splitlines() if not _LOG_LINE.match(l)).strip()}
+           "output": "\n".join(line for line in done.stdout.splitlines() if not _LOG_LINE.match(line)).strip()}
     if done.returncode != 0:
         out["error"] = f"exit {done.returncode}: " + "\n".join(done.stderr.strip().splitlines()[-15:])
         return out
@@ -88,7 +88,7 @@ def parse_tables(text: str) -> list[dict]:
     i = 0
     while i < len(lines) - 1:
         if lines[i].startswith("|") and _SEPARATOR.match(lines[i + 1].strip()):
-            title = next((l.strip() for l in reversed(lines[:i]) if l.strip()), "")
+            title = next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
             rows = []
             j = i + 2
             while j < len(lines) and lines[j].startswith("|"):

@@ -91,7 +91,7 @@ def echo_notifications(worker: RemoteWorker, reader: PeerMetadata, rounds: int, 
     seen = 0
     limit = time.monotonic() + 60
     while seen < rounds and time.monotonic() < limit:
-        for sender, messages in transport.take_notifications().items():
+        for messages in transport.take_notifications().values():
             for message in messages:
                 transport.notify(reader.agent, message)
                 seen += 1

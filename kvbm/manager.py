@@ -166,7 +166,7 @@ class BlockManager:
             self._filter.note(blocks.hashes)
         pos, tiers, parts = start, [], []
         while pos < n:
-            for depth, index in enumerate(self._tiers):
+            for depth, index in enumerate(self._tiers):  # noqa: B007 (read after the break)
                 slots = index.match_prefix(blocks.hashes, pos)
                 if len(slots):
                     break

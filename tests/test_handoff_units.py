@@ -16,7 +16,6 @@ from kvbm.errors import ConfigError
 from kvbm.ids import BlockHash, Tier
 from kvbm.manager import BlockManager
 from kvbm.remote import BlockGrant, Lease, LeaseEnd, LeaseId
-from kvbm.remote.leases import LeaseTable
 from kvbm.remote.metadata import AgentName
 from kvbm.remote.source import BlockSource
 

@@ -14,7 +14,6 @@ import json
 import socket
 import socketserver
 import struct
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -388,7 +387,7 @@ def test_serve_started_again_after_kill_9_comes_back_warm_from_g3(served, expect
         g3 = g3_counters(again)[prefill]
         # The long prompts' blocks came from the prefill's disk, not from a recompute.
         assert g3["hits"] > 0 and g3["blocks_onboarded"] > 0, g3
-        print(f"\nrestart on the same G3 directories: "
+        print("\nrestart on the same G3 directories: "
               + "; ".join(f"{worker} found {c['used_blocks']} blocks (dropped {c['dropped_on_open']})"
                           for worker, c in opened.items())
               + f"; prefill served {g3['blocks_onboarded']} blocks from G3")

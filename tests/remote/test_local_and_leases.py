@@ -85,7 +85,7 @@ def test_lease_released_by_done_and_expired_by_silence():
     clock.now += 9.9
     assert table.expire() == []
     clock.now += 0.2
-    assert [l.lease_id for l in table.expire()] == [quiet.lease_id]
+    assert [lease.lease_id for lease in table.expire()] == [quiet.lease_id]
     assert ended[-1] == (quiet.lease_id, LeaseEnd.EXPIRED)
     c = table.counters()
     assert (c.granted, c.released, c.expired, c.active, c.blocks_held) == (2, 1, 1, 0, 0)
@@ -116,7 +116,7 @@ def test_named_reader_and_multiple_readers():
     for sender in ("d/1", "d/1", "d/2"):  # the same reader twice counts once
         table.notice(sender, notices.Notice(notices.NoticeKind.DONE, (shared.lease_id,)))
     assert ended == [(shared.lease_id, LeaseEnd.RELEASED)]
-    assert [l.lease_id for l in table.revoke_all()] == [mine.lease_id]
+    assert [lease.lease_id for lease in table.revoke_all()] == [mine.lease_id]
     assert ended[-1] == (mine.lease_id, LeaseEnd.REVOKED)
 
 

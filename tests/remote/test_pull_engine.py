@@ -101,7 +101,10 @@ def setup():
     engine.close()
 
 
-def grant_of(transport: FakeTransport, ids, lease=LeaseId(5)) -> BlockGrant:
+LEASE = LeaseId(5)
+
+
+def grant_of(transport: FakeTransport, ids, lease: LeaseId = LEASE) -> BlockGrant:
     ids = np.asarray(ids)
     return BlockGrant(AgentName("src/1"), lease, Tier.G2, ids, transport.peer.checksums(ids))
 

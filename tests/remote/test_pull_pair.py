@@ -239,7 +239,7 @@ def test_heartbeats_keep_a_held_lease_alive(pair):
     for _ in range(3):  # 3 * 0.7 * lease_s: expired three times over without heartbeats
         beats = leases(b)["heartbeats"]
         b.call("advance", seconds=0.7 * LEASE_S)
-        until(lambda: leases(b)["heartbeats"] > beats, what="a heartbeat after the clock moved")
+        until(lambda beats=beats: leases(b)["heartbeats"] > beats, what="a heartbeat after the clock moved")
     assert leases(b)["active"] >= 1
     lease_id = BlockGrant.from_dict(grant).lease_id
     assert [lease_id, "expired"] not in b.call("unpins")
