@@ -8,7 +8,8 @@ stops the router, then every server, and removes the scratch directories.
 
 Every setup is served through the router, also the one-server ones, so all rows pay the
 same extra HTTP hop. The router runs in a process of its own (``kvbm router``), as under
-``kvbm serve``: inside the benchmark's process it would share one GIL with the load generator. A disaggregated setup has one prefill and one decode worker: the
+``kvbm serve``: inside the benchmark's process it would share one GIL with the load generator.
+A disaggregated setup has one prefill and one decode worker: the
 router sends each request to the prefill worker (``max_tokens=1``,
 ``kv_transfer_params={"do_remote_decode": true}``) and then to the decode worker with the
 ``kv_transfer_params`` the prefill returned, which kvbm and vLLM's NixlConnector both use.
