@@ -77,6 +77,7 @@ from bench.measure import METRICS_SETTLE_S, RESULTS, Context, make_context
 from bench.stack import HEALTH_INTERVAL_S, REQUEST_TIMEOUT_S, START_TIMEOUT_S, Setup, Stack, exit_on_sigterm
 from bench.timing import format_table
 from bench.workloads import Workload, shared_documents
+from kvbm.serving.aiohttp_transport import AiohttpTransport
 from kvbm.serving.vllm_settings import EngineSettings
 
 SEED = 14
@@ -178,8 +179,9 @@ async def _replay(url: str, model: str, workload: Workload, streams: int,
     timings: list[RequestTiming] = []
     errors: list[str] = []
     skipped = 0
-    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), limits=limits) as client:
+    # The router's transport: httpcore's own pool costs the load generator a core at 64 streams.
+    transport = AiohttpTransport(keepalive_expiry=5.0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), transport=transport) as client:
 
         async def one(request) -> None:
             nonlocal skipped

@@ -212,19 +212,19 @@ class Stack:
         worker_id = f"{self._slug()}-{role.value}"
         kv_config, env, stats_url = self._connector(worker_id, role)
         env = {**self.setup.env, **env}
-        utilization = None
+        utilization = cpus = None
         if self._cuda_devices:
             env["CUDA_VISIBLE_DEVICES"] = str(index % self._cuda_devices)
             sharing = -(-count // self._cuda_devices)
             utilization = round(0.9 / sharing, 2) if sharing > 1 else None
         else:
             groups = cpu_groups(count)
-            env["VLLM_CPU_OMP_THREADS_BIND"] = groups[index % len(groups)]
+            cpus = groups[index % len(groups)]
         shared = {f.name: getattr(self._engine, f.name) for f in dataclasses.fields(EngineSettings)}
         settings = SharedDeviceSettings(**{**shared, "kv_transfer_config": kv_config},
                                         gpu_memory_utilization=utilization)
         server = VLLMServer(settings, self._log_dir / f"{worker_id}.log", served_name=self._served_name,
-                            extra_env=env, name=f"{self.setup.name} {role.value} server")
+                            extra_env=env, name=f"{self.setup.name} {role.value} server", cpus=cpus)
         server.spawn(START_TIMEOUT_S)
         return StackWorker(role, server, stats_url)
 

@@ -48,6 +48,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from kvbm.serving.admission import AdmissionQueue
+from kvbm.serving.aiohttp_transport import AiohttpTransport
 from kvbm.serving.forwarding import Forwarder, PromptHashes, error_response, no_prompt_hashes
 from kvbm.serving.health import ProbeVerdicts, check_health
 from kvbm.serving.router_config import RouterConfig
@@ -121,8 +122,8 @@ class Router:
         timeout = httpx.Timeout(self.config.request_timeout_s)
         # Idle connections expire well before the workers' keep-alive timeout (uvicorn's and
         # vLLM's default: 5 s), so the router seldom sends on one the worker is closing.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        transport = AiohttpTransport(keepalive_expiry=2.0)
+        async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
             self._client = client
             self._forwarder = Forwarder(self.pool, self.stats, client, self._prompt_hashes,
                                         self._published, self._clock, self.admission)

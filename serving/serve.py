@@ -101,8 +101,10 @@ def cpu_groups(workers: int, cpus: list[int] | None = None) -> list[str]:
 
     vLLM's CPU backend binds its OpenMP threads to every CPU by default, and OpenMP threads
     spin while they wait: two workers bound to the same cores slow each other down many times
-    over. Each worker gets its own cores instead (with more workers than CPUs, groups repeat).
-    vLLM reads the binding only on its CPU backend; GPU workers ignore it.
+    over. Each worker gets its own cores instead, for all of its processes (see
+    :class:`~kvbm.serving.server_process.VLLMServer`'s ``cpus``; with more workers than CPUs,
+    groups repeat). A GPU worker's host threads are bound the same way; vLLM reads the
+    OpenMP binding only on its CPU backend.
     """
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
     per = max(1, len(cpus) // max(1, workers))
@@ -140,18 +142,22 @@ class WorkerLauncher:
         settings = dataclasses.replace(self._engine, kv_transfer_config=connector)
         cpus = self._cpus[len(self._launched) % len(self._cpus)]
         server = VLLMServer(settings, self.log_path(role, worker_id), host=WORKER_HOST, served_name=self._served_name,
-                            name=f"worker {worker_id} ({role.value})", extra_env={"VLLM_CPU_OMP_THREADS_BIND": cpus})
+                            name=f"worker {worker_id} ({role.value})", cpus=cpus)
         worker = WorkerServer(server, stats_port)
         self._launched.append(worker)
         server.spawn(self._start_timeout_s)
         return worker
+
+    def launched(self) -> list[WorkerServer]:
+        """Every worker launched so far, in launch order (stopped ones included)."""
+        return list(self._launched)
 
     def log_path(self, role: WorkerRole, worker_id: str) -> Path:
         return self._log_dir / f"{worker_id}-{role.value}.log"
 
     def stop_all(self) -> None:
         """Stops every worker launched so far, all at once (each takes seconds)."""
-        launched = list(self._launched)
+        launched = self.launched()
         if launched:
             with ThreadPoolExecutor(len(launched)) as pool:
                 list(pool.map(WorkerServer.stop, launched))

@@ -22,6 +22,7 @@ import weakref
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from test_router import CHAT_TEMPLATE, chat_body, completion_body, post, text_of
 
@@ -29,7 +30,7 @@ from kvbm.serving.__main__ import build_parser, router_fields
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.serve import (ServeOptions, ServeStack, connector_config, cpu_groups,
                                 signals_interrupt)
-from kvbm.serving.server_process import VLLMServer
+from kvbm.serving.server_process import VLLMServer, parse_cpus
 from kvbm.serving.vllm_settings import EngineSettings
 from kvbm.serving.workers import WorkerRole
 
@@ -313,6 +314,26 @@ def errors(snapshot: dict) -> int:
 
 def prefill_hops(url: str) -> int:
     return sum(hops.get("prefill", 0) for hops in stats_of(url)["routing"].values())
+
+
+def test_every_thread_of_a_worker_runs_on_the_workers_own_cores(served):
+    """Not only vLLM's OpenMP threads: each worker's API server and engine core busy-wait
+    between steps, and on the other worker's cores they would take its forward passes' time."""
+    prefill, decode = served.stack.launcher.launched()[:2]
+    groups = [parse_cpus(worker.server.cpus) for worker in (prefill, decode)]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not groups[0] & groups[1]
+    for worker, cpus in zip((prefill, decode), groups):
+        root = psutil.Process(worker.server.pid)
+        processes = [root, *root.children(recursive=True)]
+        assert len(processes) >= 3, processes  # API server, engine core, model worker
+        for process in processes:
+            for thread in process.threads():
+                try:
+                    affinity = os.sched_getaffinity(thread.id)
+                except ProcessLookupError:
+                    continue  # the thread ended meanwhile
+                assert affinity <= cpus, (worker.server.name, process.name(), thread.id, affinity)
 
 
 def test_kv_crosses_over_nixl_and_stats_show_every_worker(served):
