@@ -64,7 +64,10 @@ class _Body(httpx.AsyncByteStream):
                 yield chunk
 
     async def aclose(self) -> None:
-        self._response.release()  # back to the pool when fully read, closed otherwise
+        if self._response.content.at_eof():
+            self._response.release()  # back to the pool
+        else:
+            self._response.close()  # a body left half read: the connection cannot carry another
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):

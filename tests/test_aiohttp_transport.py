@@ -158,3 +158,30 @@ def test_a_server_that_closes_the_connection_is_a_lost_connection(how):
 
     with pytest.raises(CONNECTION_LOST):
         run(go())
+
+
+def test_a_stream_left_half_read_closes_its_connection_and_the_next_request_opens_one():
+    async def endless(reader, writer, head, body):
+        if b"/short" in head:
+            writer.write(answer(b"{}"))
+            await writer.drain()
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(1000):
+            writer.write(chunk(b"data: x\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        return True
+
+    async def go():
+        server = Server(endless)
+        async with server as url, client() as http:
+            reply = await http.send(http.build_request("POST", url + "/s", json={}), stream=True)
+            async for _ in reply.aiter_raw():
+                break  # the client went away
+            await reply.aclose()
+            after = await http.post(url + "/short", json={})
+        return server, after
+
+    server, after = run(go())
+    assert after.status_code == 200 and server.connections == 2
