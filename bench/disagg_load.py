@@ -25,7 +25,8 @@ Contract:
       ==========  ==========================================================================
 
       Both kvbm rows run the serve command's own stack (:class:`kvbm.serving.serve.ServeStack`)
-      with the router settings of :mod:`bench.stack`, so they differ only in their roles.
+      in a process of its own, as ``kvbm serve`` runs, with the router settings of
+      :mod:`bench.stack`, so they differ only in their roles.
     * Load (token ids, fixed seed, :func:`bench.workloads.shared_documents`): streaming
       completions over 8 shared documents of 256 tokens (about 200 words), each prompt one
       document plus a 16-token question of its own, 32 tokens out; ``streams`` requests in
@@ -59,6 +60,7 @@ import dataclasses
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import sys
@@ -89,6 +91,8 @@ FULL_ROUNDS = 3
 FULL_BUDGET_S = 900.0  # per setup; bench.disagg's NixlConnector row once ran 25 minutes unbounded
 QUICK_BUDGET_S = 240.0
 QUICK_REQUESTS = 32
+SERVE_START_S = START_TIMEOUT_S + 60.0  # the workers start at once, each within START_TIMEOUT_S
+SERVE_STOP_S = 120.0
 
 # Goal thresholds, kvbm 1P+1D against kvbm aggregated on the same cores.
 MIN_THROUGHPUT_RATIO = 0.8
@@ -154,15 +158,57 @@ def launch(spec: SetupSpec, context: Context, engine: EngineSettings, log_dir: P
         return
     # Imported here: the serve stack pulls in the tokenizer stack, which the table code never needs.
     from kvbm.serving.router_config import RouterConfig
-    from kvbm.serving.serve import ServeOptions, ServeStack
+    from kvbm.serving.serve import ServeOptions
 
     prefill, decode = spec.serve
     options = ServeOptions(engine=engine, log_dir=log_dir, prefill=prefill, decode=decode,
                            start_timeout_s=START_TIMEOUT_S, kvbm=KVBM_FIELDS,
                            router=RouterConfig(model_name=context.preset, request_timeout_s=REQUEST_TIMEOUT_S,
                                                health_interval_s=HEALTH_INTERVAL_S))
-    with ServeStack(options) as stack:
-        yield Running(stack.url, tuple((w.role.value, w.url, w.stats_url) for w in stack.router.pool.all()))
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    process = spawn.Process(target=serve_in_child, args=(options, theirs), name="kvbm-serve")
+    process.start()
+    try:
+        if not ours.poll(SERVE_START_S):
+            raise RuntimeError(f"the serve stack did not start within {SERVE_START_S:.0f} s")
+        try:
+            message = ours.recv()
+        except EOFError:
+            raise RuntimeError(f"the serve stack's process died (exit status {process.exitcode})") from None
+        if message[0] == "error":
+            raise RuntimeError(f"serve: {message[1]}")
+        _, url, workers = message
+        yield Running(url, tuple(tuple(w) for w in workers))
+    finally:
+        with contextlib.suppress(OSError):
+            ours.send("stop")
+        process.join(SERVE_STOP_S)
+        if process.is_alive():
+            process.terminate()
+            process.join(SERVE_STOP_S)
+
+
+def serve_in_child(options, connection) -> None:
+    """Runs :class:`~kvbm.serving.serve.ServeStack` as ``kvbm serve`` does, in a process of
+    its own: the router's event loop must not share a GIL with the load generator (at 64
+    streams both are busy nearly all the time). Sends ``("ready", url, workers)`` or
+    ``("error", message)``, then serves until told to stop or the parent goes away."""
+    exit_on_sigterm()
+    from kvbm.serving.serve import ServeStack
+
+    try:
+        stack = ServeStack(options).start()
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+        return
+    try:
+        connection.send(("ready", stack.url, [(w.role.value, w.url, w.stats_url) for w in stack.router.pool.all()]))
+        connection.recv()  # "stop"
+    except EOFError:
+        pass  # the benchmark went away
+    finally:
+        stack.stop()
 
 
 def replay(url: str, model: str, workload: Workload, streams: int,

@@ -66,11 +66,11 @@ def test_g2_to_g1_and_g1_to_g2_byte_exact(pair):
 
 def test_done_notice_releases_the_lease(pair):
     a, b = pair
-    before = leases(b)
     grant = b.call("grant", tier="g2", ids=[0, 1])
     assert pull(a, grant, "g2", [0, 1], metadata=b.metadata)["ok"]
-    until(lambda: leases(b)["released"] == before["released"] + 1, what="b to release the lease")
-    assert [BlockGrant.from_dict(grant).lease_id, "released"] in b.call("unpins")
+    # By this lease's id: the release of an earlier test's lease may land meanwhile.
+    released = [BlockGrant.from_dict(grant).lease_id, "released"]
+    until(lambda: released in b.call("unpins"), what="b to release the lease")
 
 
 def test_metadata_fetched_from_side_channel_when_not_carried(pair):
@@ -218,7 +218,7 @@ def test_hung_source_hits_the_deadline_then_the_late_grant_is_returned(pair):
         os.kill(b.process.pid, signal.SIGCONT)
     assert result["failed"] == [0, 1] and kind_of(result["reason"]) is FailureKind.DEADLINE
     # b answers once resumed; a hands the grant straight back, so b does not wait for expiry.
-    until(lambda: leases(b)["released"] == released + 1, what="the late grant to be released")
+    until(lambda: leases(b)["released"] > released, what="the late grant to be released")
     until(lambda: b.call("pinned") == 0, what="b to unpin")
 
 
@@ -243,9 +243,8 @@ def test_heartbeats_keep_a_held_lease_alive(pair):
     assert leases(b)["active"] >= 1
     lease_id = BlockGrant.from_dict(grant).lease_id
     assert [lease_id, "expired"] not in b.call("unpins")
-    released = leases(b)["released"]
     a.call("drop", grant=grant)
-    until(lambda: leases(b)["released"] == released + 1, what="the dropped grant to be released")
+    until(lambda: [lease_id, "released"] in b.call("unpins"), what="the dropped grant to be released")
 
 
 def test_publication_follows_stored_and_removed_events(pair):
