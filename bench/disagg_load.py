@@ -169,9 +169,14 @@ def launch(spec: SetupSpec, context: Context, engine: EngineSettings, log_dir: P
     ours, theirs = spawn.Pipe()
     process = spawn.Process(target=serve_in_child, args=(options, theirs), name="kvbm-serve")
     process.start()
+    theirs.close()  # the child's end: ours sees end-of-file if the child dies before a word
     try:
-        if not ours.poll(SERVE_START_S):
-            raise RuntimeError(f"the serve stack did not start within {SERVE_START_S:.0f} s")
+        started = time.monotonic()
+        while not ours.poll(1.0):
+            if not process.is_alive():
+                raise RuntimeError(f"the serve stack's process died (exit status {process.exitcode})")
+            if time.monotonic() - started > SERVE_START_S:
+                raise RuntimeError(f"the serve stack did not start within {SERVE_START_S:.0f} s")
         try:
             message = ours.recv()
         except EOFError:
@@ -187,6 +192,9 @@ def launch(spec: SetupSpec, context: Context, engine: EngineSettings, log_dir: P
         if process.is_alive():
             process.terminate()
             process.join(SERVE_STOP_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def serve_in_child(options, connection) -> None:
@@ -195,9 +203,9 @@ def serve_in_child(options, connection) -> None:
     streams both are busy nearly all the time). Sends ``("ready", url, workers)`` or
     ``("error", message)``, then serves until told to stop or the parent goes away."""
     exit_on_sigterm()
-    from kvbm.serving.serve import ServeStack
-
     try:
+        from kvbm.serving.serve import ServeStack
+
         stack = ServeStack(options).start()
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
         connection.send(("error", f"{type(error).__name__}: {error}"))

@@ -47,6 +47,8 @@ def httpx_errors(request: httpx.Request) -> Iterator[None]:
         raise httpx.ReadError(str(error), request=request) from error
     except aiohttp.ClientResponseError as error:  # a malformed answer
         raise httpx.RemoteProtocolError(str(error), request=request) from error
+    except aiohttp.ClientConnectionError as error:  # e.g. a write on a connection being closed
+        raise httpx.ReadError(str(error) or type(error).__name__, request=request) from error
     except aiohttp.ClientError as error:
         raise httpx.TransportError(f"{type(error).__name__}: {error}", request=request) from error
 
@@ -84,7 +86,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _open_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_expiry)
         # httpx decodes the body by its content-encoding header, so aiohttp must not.
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # httpx keeps the cookies (the router sends none); a second jar here would add its own.
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     cookie_jar=aiohttp.DummyCookieJar())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._session is None:

@@ -328,7 +328,11 @@ def test_every_thread_of_a_worker_runs_on_the_workers_own_cores(served):
         processes = [root, *root.children(recursive=True)]
         assert len(processes) >= 3, processes  # API server, engine core, model worker
         for process in processes:
-            for thread in process.threads():
+            try:
+                threads = process.threads()
+            except psutil.NoSuchProcess:
+                continue  # a short-lived child that ended meanwhile
+            for thread in threads:
                 try:
                     affinity = os.sched_getaffinity(thread.id)
                 except ProcessLookupError:
