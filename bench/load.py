@@ -22,6 +22,7 @@ import numpy as np
 
 from bench.workloads import Request, Workload
 from kvbm.serving.aiohttp_transport import AiohttpTransport
+from kvbm.serving.sse import DONE, aiter_data
 
 
 class LoadError(RuntimeError):
@@ -114,10 +115,10 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request
             text = (await reply.aread()).decode(errors="replace")
             raise LoadError(f"{request.kind} request ({len(request.prompt)} prompt tokens) got "
                             f"HTTP {reply.status_code}: {text[:500]}")
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for data in aiter_data(reply):
+            if data == DONE:
                 continue
-            event = json.loads(line[len("data: "):])
+            event = json.loads(data)
             if "error" in event:
                 raise LoadError(f"{request.kind} request failed mid-stream: {event['error']}")
             count = sum(len(c.get("token_ids") or ()) for c in event.get("choices", ()))

@@ -8,7 +8,11 @@ The fingerprint encodes as the magic ``kvbm.layout`` and a NUL byte, then, per f
 declaration order, its length-prefixed name and a tagged value: ``s`` + length-prefixed
 UTF-8, ``i`` + int64-LE, or ``n`` for an unset optional field. Lengths are uint32-LE.
 
-Only full blocks are hashed. The encoding is explicit bytes (no ``repr``, no pickle, no
+Only full blocks are chained. A prompt's last, partial block handed from a prefill to a
+decode has a tail hash of its own (:meth:`BlockHasher.hash_tail`):
+    t = xxh3_128("kvbm.tail" NUL || h[last full] || int32-LE tail tokens || encoded extras)
+
+The encoding is explicit bytes (no ``repr``, no pickle, no
 ``hash()``), so equal inputs give equal hashes in any process, on any host, whatever
 ``PYTHONHASHSEED`` is. Token ids are hashed as little-endian int32: any integer dtype is
 accepted and converted once per prompt; 64-bit and uint32 ids must lie in [0, 2**31).
@@ -36,6 +40,7 @@ hf_overrides, and ``BlockExtras`` keys LoRA by adapter identity (a string), not 
 """
 
 TOKEN_DTYPE = np.dtype("<i4")
+TAIL_TAG = b"kvbm.tail\x00"  # starts every tail hash's input (see BlockHasher.hash_tail)
 _INT32_MAX = (1 << 31) - 1
 _STR_FIELDS = frozenset({"model", "dtype", "layout_tag", "kv_cache_dtype"})
 _OPTIONAL_STR_FIELDS = frozenset({"weights", "quantization", "attention_backend", "hf_overrides"})
@@ -238,6 +243,24 @@ class BlockHasher:
                 for i in range(n)
             ]
         return HashedBlocks(tuple(out), grid)  # type: ignore[arg-type]
+
+
+    def hash_tail(self, tokens: np.ndarray, parent: BlockHash, extras: BlockExtras | None = None) -> BlockHash:
+        """Hash of a prompt's last, possibly partial block: the 1 to ``block_size`` tokens
+        after the full block whose hash is ``parent`` (the layout root when none precedes).
+
+        A prefill hands this block to a decode with the full ones, and the decode checks its
+        own prompt ends with the very same tokens. The hash is domain-separated from full
+        blocks' (a tag comes first), so a tail can never be taken for a full block.
+
+        Raises:
+            TypeError, ValueError: as :meth:`hash_prompt`; also no tokens or more than a block.
+        """
+        canon = canonical_tokens(tokens)
+        if not 0 < canon.shape[0] <= self._block_size:
+            raise ValueError(f"a tail holds 1 to {self._block_size} tokens, got {canon.shape[0]}")
+        data = extras.encode() if extras is not None else b""
+        return BlockHash(xxh3_128_digest(TAIL_TAG + _check_parent(parent) + canon.tobytes() + data))
 
 
 def canonical_tokens(tokens: np.ndarray) -> np.ndarray:

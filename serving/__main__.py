@@ -30,6 +30,7 @@ from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.serve import (ServeOptions, ServeStack, describe, serve_until_signal,
                                 signals_interrupt)
 from kvbm.serving.server_process import ServerStartError
+from kvbm.serving.sse import DONE, iter_data
 from kvbm.serving.vllm_settings import EngineSettings
 from kvbm.serving.workers import WorkerRole
 
@@ -162,10 +163,10 @@ def _complete(client: httpx.Client, model: str, prompt: str, stream: bool,
     body["stream_options"] = {"include_usage": True}
     with client.stream("POST", "/v1/completions", json=body) as reply:
         reply.raise_for_status()
-        for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for data in iter_data(reply.iter_bytes()):
+            if data == DONE:
                 continue
-            event = json.loads(line[len("data: "):])
+            event = json.loads(data)
             if "error" in event:
                 raise RuntimeError(f"stream failed: {event['error']['message']}")
             if event["choices"] and first is None:

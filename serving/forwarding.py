@@ -154,7 +154,7 @@ class Forwarder:
             self._release_pool = concurrent.futures.ThreadPoolExecutor(
                 RELEASE_THREADS, thread_name_prefix="kvbm-router-release")
         future = asyncio.get_running_loop().run_in_executor(
-            self._release_pool, exchange.request_release, handoff.source, (handoff.last_hash,),
+            self._release_pool, exchange.request_release, handoff.source, (handoff.release_hash,),
             RELEASE_TIMEOUT_S, *((handoff.grant.lease_id, handoff.grant.source) if handoff.grant is not None
                                  else (None, None)))
         self._releases.add(future)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,11 +32,55 @@ class ServerStartError(RuntimeError):
     """A server did not become healthy."""
 
 
+# Ports handed out below the kernel's ephemeral range. The kernel gives every outgoing
+# connection's source port and every bind to port 0 (vLLM's ZMQ sockets, NIXL) a port from the
+# ephemeral range: a port picked there is free now and may be anyone's a second later, before
+# the worker it was picked for binds it (CI saw "Address already in use" at a worker's start).
+# Below it only explicit choices land, and this process never hands one out twice.
+PORT_FLOOR = 10000
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's ephemeral port range (Linux's default where it cannot be read)."""
+    try:
+        low, high = map(int, Path(EPHEMERAL_RANGE_FILE).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
+    """A TCP port on ``host`` that was free a moment ago, that the kernel does not hand out
+    by itself and that this process has not returned before (see :data:`PORT_FLOOR`).
+
+    Falls back to a kernel-chosen port when the range below the ephemeral one is too small
+    or full.
+    """
+    low, _ = ephemeral_ports()
+    span = low - PORT_FLOOR
+    with _handed_out_lock:
+        if span >= 1000:
+            start = random.randrange(span)  # two processes choosing at once rarely meet
+            for offset in range(span):
+                port = PORT_FLOOR + (start + offset) % span
+                if port not in _handed_out and _bindable(host, port):
+                    _handed_out.add(port)
+                    return port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return sock.getsockname()[1]
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def parse_cpus(cpus: str) -> set[int]:

@@ -9,6 +9,7 @@ must equal vLLM alone, token for token; the stats must show blocks pulled and no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -78,6 +79,27 @@ def decode(llm, prompts: list[str], params: list[dict | None]):
     return llm.generate(prompts, sampling)
 
 
+@contextlib.contextmanager
+def first_steps(llm):
+    """Records, per prompt length, how many tokens each new request had computed (loaded)
+    when vLLM first scheduled it, and how many it computed in that step."""
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    seen: dict[int, tuple[int, int]] = {}
+    build = connector.build_connector_meta
+
+    def recording(scheduler_output):
+        for new in scheduler_output.scheduled_new_reqs:
+            seen[len(new.prompt_token_ids)] = (new.num_computed_tokens,
+                                               scheduler_output.num_scheduled_tokens[new.req_id])
+        return build(scheduler_output)
+
+    connector.build_connector_meta = recording
+    try:
+        yield seen
+    finally:
+        del connector.build_connector_meta  # the class's method again
+
+
 def tokens(outputs) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in outputs]
 
@@ -127,9 +149,16 @@ def test_decode_pulls_prefill_blocks_token_for_token(reference, prefill_server, 
         # prefill's last step, so the decode reads at once and asks the prefill nothing.
         grant = p["kvbm"]["grant"]
         assert grant["tier"] == "g1" and grant["lease_id"] >= 1
-    outputs = decode(decode_engine, PROMPTS, params)
+    with first_steps(decode_engine) as first:
+        outputs = decode(decode_engine, PROMPTS, params)
     assert tokens(outputs) == reference
-    pulled = sum(p["kvbm"]["num_blocks"] for p in params[:3])
+    for p, out in zip(params[:3], outputs):
+        # The prompt's last block travels too (its 1 to BLOCK tokens after the full blocks):
+        # the decode computes only the prompt's last token, as after any full hit.
+        prompt = len(out.prompt_token_ids)
+        assert p["kvbm"]["tail_tokens"] == prompt - BLOCK * p["kvbm"]["num_blocks"] > 0
+        assert first[prompt] == (prompt - 1, 1)
+    pulled = sum(p["kvbm"]["num_blocks"] + 1 for p in params[:3])  # full blocks and the tail
     stats = remote_stats(decode_engine)
     assert stats["pulls"]["blocks_pulled"] == pulled and stats["pulls"]["blocks_failed"] == 0
     # Every pulled block was verified and none was handed back to vLLM to recompute.
@@ -186,6 +215,7 @@ def redirected(handoff: dict, address: str, *, grant: bool = True) -> dict:
         moved["kvbm"]["grant"].update(source="prefill-0/gone", side_channel=address)
     else:
         del moved["kvbm"]["grant"]
+        del moved["kvbm"]["tail_tokens"]  # a tail travels granted only
     return moved
 
 
@@ -208,6 +238,33 @@ def test_bad_handoffs_recompute(prefill_server, decode_engine):
     assert after["failures"].get("unreachable", 0) == before["failures"].get("unreachable", 0) + 2
     # The same prompts with no handoff (now from the decode's own prefix cache) agree.
     assert tokens(outputs) == tokens(decode(decode_engine, prompts * 2, [None] * 6))
+
+
+def test_a_tail_that_differs_or_arrives_corrupt_is_computed_here(prefill_server, decode_engine):
+    """The handed-off tail block is checked like the full ones: a tail hash that is not this
+    worker's (other last tokens) is not pulled, and a tail whose bytes fail their checksum is
+    recomputed; either way the output is the decode's own."""
+    import base64
+
+    prompts = [f"Tail case {i}: " + "the last block of a prompt is handed off as well " * 12 for i in range(2)]
+    good = [prefill(prefill_server, p) for p in prompts]
+    other_tail = json.loads(json.dumps(good[0]))
+    hashes = base64.b64decode(other_tail["kvbm"]["grant"]["hashes"])
+    other_tail["kvbm"]["grant"]["hashes"] = base64.b64encode(hashes[:-16] + bytes(16)).decode()
+    corrupt = json.loads(json.dumps(good[1]))
+    sums = bytearray(base64.b64decode(corrupt["kvbm"]["grant"]["checksums"]))
+    sums[-8:] = bytes(8)  # the tail's checksum, last in the grant
+    corrupt["kvbm"]["grant"]["checksums"] = base64.b64encode(bytes(sums)).decode()
+    before = remote_stats(decode_engine)
+    with first_steps(decode_engine) as first:
+        outputs = decode(decode_engine, prompts, [other_tail, corrupt])
+    after = remote_stats(decode_engine)
+    full = other_tail["kvbm"]["num_blocks"] * BLOCK
+    prompt = len(outputs[0].prompt_token_ids)
+    assert first[prompt] == (full, prompt - full)  # the full blocks pulled, the tail computed
+    assert after["pulls"]["checksum_failures"] == before["pulls"]["checksum_failures"] + 1
+    assert after["load_error_blocks"] == before["load_error_blocks"] + 1
+    assert tokens(outputs) == tokens(decode(decode_engine, prompts, [None, None]))
 
 
 def test_silent_and_garbage_peers_fail_by_their_deadline_and_recompute(prefill_server, decode_engine):
@@ -242,7 +299,8 @@ def test_silent_and_garbage_peers_fail_by_their_deadline_and_recompute(prefill_s
         silent.close()
         garbage.close()
     assert after["jobs_failed"] == before["jobs_failed"] + 4
-    failures = {k: after["failures"].get(k, 0) - before["failures"].get(k, 0) for k in after["failures"]}
+    failures = {k: n - before["failures"].get(k, 0) for k, n in after["failures"].items()
+                if n > before["failures"].get(k, 0)}  # kinds earlier tests counted stay in the dict
     assert sum(failures.values()) == 4 and set(failures) <= {"unreachable", "deadline"}, failures
     assert tokens(outputs) == tokens(decode(decode_engine, prompts * 2, [None] * 4))
 

@@ -224,3 +224,24 @@ def test_remote_prometheus_flattens_numbers():
     text = _remote_prometheus({"agent": "x", "pulls": {"blocks_pulled": 3, "failures": {"peer_lost": 1}}})
     assert text.splitlines() == ["kvbm_remote_pulls_blocks_pulled 3", "kvbm_remote_pulls_failures_peer_lost 1"]
     assert _remote_prometheus(None) == ""
+
+
+def test_a_handoff_with_a_tail_carries_its_block_last_in_the_grant():
+    from kvbm.connectors.vllm.handoff import attach_grant
+
+    params = Handoff("127.0.0.1:5555", 3, h(3)).to_params()
+    attach_grant(params, grant(4), tail_tokens=7)  # three full blocks, then the tail's
+    got = Handoff.from_params(params)
+    assert got.tail_tokens == 7 and got.tail_hash == h(4) and got.release_hash == h(4)
+    piece = got.grant.take([2, 3])  # a decode holding blocks 0 and 1 pulls block 2 and the tail
+    assert piece.lease_id == 4 and piece.block_ids.tolist() == [12, 13] and piece.hashes == (h(3), h(4))
+    assert Handoff.from_params(Handoff("127.0.0.1:5555", 3, h(3)).to_params()).release_hash == h(3)
+
+
+@pytest.mark.parametrize("tail, blocks", [(7, 3), (0, 4), (-1, 4), (True, 4), ("7", 4), (7, None)])
+def test_a_tail_that_does_not_match_its_grant_is_no_handoff(tail, blocks):
+    params = Handoff("127.0.0.1:5555", 3, h(3)).to_params()
+    if blocks is not None:
+        params["kvbm"]["grant"] = grant(blocks).to_dict()
+    params["kvbm"]["tail_tokens"] = tail
+    assert Handoff.from_params(params) is None

@@ -18,6 +18,7 @@ import pytest
 from kvbm.serving.router import Router, RouterServer
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.server_process import VLLMServer, free_port
+from kvbm.serving.sse import DONE, data_of
 from kvbm.serving.vllm_settings import EngineSettings
 from kvbm.serving.workers import WorkerRole
 
@@ -92,10 +93,10 @@ def text_of(reply: httpx.Response) -> str:
         choice = reply.json()["choices"][0]
         return choice["text"] if "text" in choice else choice["message"]["content"]
     parts = []
-    for line in reply.text.splitlines():
-        if not line.startswith("data: ") or line == "data: [DONE]":
+    for data in data_of(reply.content):
+        if data == DONE:
             continue
-        event = json.loads(line[len("data: "):])
+        event = json.loads(data)
         assert "error" not in event, event
         for choice in event["choices"]:
             parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")

@@ -31,6 +31,7 @@ from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.serve import (ServeOptions, ServeStack, connector_config, cpu_groups,
                                 signals_interrupt)
 from kvbm.serving.server_process import VLLMServer, parse_cpus
+from kvbm.serving.sse import data_of
 from kvbm.serving.vllm_settings import EngineSettings
 from kvbm.serving.workers import WorkerRole
 
@@ -406,9 +407,9 @@ def outcome(reply: httpx.Response) -> str:
     if reply.status_code != 200:
         return "error: " + reply.json()["error"]["message"]
     if reply.headers["content-type"].startswith("text/event-stream"):
-        for line in reply.text.splitlines():
-            if line.startswith("data: {") and '"error"' in line:
-                return "error: " + json.loads(line[len("data: "):])["error"]["message"]
+        for data in data_of(reply.content):
+            if data.startswith("{") and '"error"' in data:
+                return "error: " + json.loads(data)["error"]["message"]
     return text_of(reply)
 
 

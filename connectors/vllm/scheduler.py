@@ -35,7 +35,7 @@ import numpy as np
 from vllm.v1.request import RequestStatus
 
 from kvbm.hashing import BlockHasher, HashedBlocks
-from kvbm.ids import JobId, Tier
+from kvbm.ids import BlockHash, JobId, Tier
 from kvbm.manager import BlockManager
 from kvbm.policy import OffloadPolicy
 from kvbm.remote.metadata import BlockGrant
@@ -82,7 +82,11 @@ class _RequestState:
     local_blocks: int = 0  # blocks of the planned load that G2/G3 hold
     handoff: Handoff | None = None  # a remote prefill's blocks to pull, until tried
     granting: int = 0  # prefill: leading blocks the worker was asked to grant for a decode
+    granting_tail: int = 0  # prefill: prompt tokens in the tail block granted after them (0: none)
     remote_end: int = 0  # end (in blocks) of the handed-off prefix this step's match uses
+    tail: int = 0  # decode: tokens of the handed-off tail block this step's match pulls (0: none)
+    tail_matches: bool | None = None  # decode: the handoff's tail hash equals ours (None: not checked)
+    matched: int = 0  # tokens the last match reported to vLLM
     load_async: bool = False  # the planned load runs asynchronously
     load_block_ids: tuple[int, ...] = ()  # engine blocks the last planned load fills
     load_failed: bool = False  # a load of this request failed: it computes the rest itself
@@ -172,23 +176,35 @@ class SchedulerSide:
         if state.jobs:
             return None, False  # a preempted request's old jobs must end before new ones start
         bs = self._block_size
-        # Leave at least one prompt token to compute: vLLM needs logits for the next token.
+        # Full blocks leave at least one prompt token to compute: vLLM needs logits for the
+        # next token. (A handed-off tail covers the prompt's end: vLLM then recomputes its
+        # last token itself, as after any full hit.)
         limit = (request.num_tokens - 1) // bs
         start = num_computed_tokens // bs
-        if limit <= start or state.load_failed:
+        state.load_start, state.local_blocks, state.remote_end, state.tail, state.matched = start, 0, 0, 0, 0
+        if state.load_failed:
             # A load is tried once per request, like a pull: after a failure vLLM may ask
             # again (it drops a request's blocks when nothing before the failed one loaded),
             # and a fault that persists would make it load and fail forever.
             return 0, False
-        match = self._manager.lookup(self._blocks(state, limit)[:limit], start, count=not state.lookup_counted)
-        state.lookup_counted = True
-        state.load_start, state.local_blocks = start, match.num_blocks
-        remote_end = self._handed_off_blocks(state, limit)
-        state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
-        blocks = max(match.num_blocks, state.remote_end - start)
+        blocks = 0
+        if limit > start:
+            match = self._manager.lookup(self._blocks(state, limit)[:limit], start, count=not state.lookup_counted)
+            state.lookup_counted = True
+            state.local_blocks = match.num_blocks
+            remote_end = self._handed_off_blocks(state, limit)
+            state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
+            blocks = max(match.num_blocks, state.remote_end - start)
+        state.tail = self._handed_off_tail(state, start + blocks)
+        if not blocks and not state.tail:
+            return 0, False
         # Decided once here: vLLM parks the request (WAITING_FOR_REMOTE_KVS) on this answer.
-        state.load_async = blocks > 0 and (self._load_async(request.request_id, blocks) or state.remote_end > 0)
-        return blocks * bs, state.load_async
+        # Pulls always run asynchronously (and a tail must: vLLM rewinds the prompt's last
+        # token only when an asynchronous load ends).
+        state.load_async = (state.remote_end > 0 or state.tail > 0
+                            or self._load_async(request.request_id, blocks))
+        state.matched = blocks * bs + state.tail
+        return state.matched, state.load_async
 
     def on_new_request(self, request: Request) -> None:
         """A decode request carrying a grant: keep its lease alive from now on, however long
@@ -205,8 +221,9 @@ class SchedulerSide:
         if num_external_tokens == 0:
             self._release_handoff(state)  # everything was here already
             return
-        start, count = state.load_start, num_external_tokens // self._block_size
-        block_ids = blocks.get_block_ids()[0][start : start + count]
+        tail = state.tail if num_external_tokens == state.matched else 0
+        start, count = state.load_start, (num_external_tokens - tail) // self._block_size
+        block_ids = blocks.get_block_ids()[0][start : start + count + (1 if tail else 0)]
         self._suspect.loaded(block_ids)
         state.load_block_ids = tuple(block_ids)
         local = min(count, state.local_blocks)
@@ -217,12 +234,14 @@ class SchedulerSide:
             self._own(request.request_id, state, plan.jobs)
             jobs, missing = plan.jobs, plan.missing_block_ids.tolist()
         remote = None
-        if state.handoff is not None and count > local:
-            # The rest of the load comes from the prefill worker, once.
+        if state.handoff is not None and (count > local or tail):
+            # The rest of the load comes from the prefill worker, once: the full blocks after
+            # the local ones, then the tail block (always granted: see _handed_off_tail).
             handoff = state.handoff
-            grant = handoff.grant.slice(start + local, start + count) if handoff.grant is not None else None
-            remote = RemotePull(handoff.source, state.blocks.hashes[start + local : start + count],
-                                list(block_ids[local:count]), grant)
+            positions = list(range(start + local, start + count)) + ([handoff.num_blocks] if tail else [])
+            grant = handoff.grant.take(positions) if handoff.grant is not None else None
+            hashes = state.blocks.hashes[start + local : start + count] + ((handoff.tail_hash,) if tail else ())
+            remote = RemotePull(handoff.source, hashes, list(block_ids[local:]), grant)
             state.handoff = None
         self._release_handoff(state)
         state.loading = state.load_async
@@ -374,7 +393,8 @@ class SchedulerSide:
         params = Handoff(self._side_channel, count, hashes[-1]).to_params()
         held = HeldRequest(request.request_id, hashes, list(block_ids[:count]))
         if state.granting:
-            self._awaiting_grants[request.request_id] = _AwaitedGrant(params, held)
+            tail = state.granting_tail if count == state.granting else 0
+            self._awaiting_grants[request.request_id] = _AwaitedGrant(params, held, tail)
         else:
             self._step.holds.append(held)
         return params
@@ -390,14 +410,20 @@ class SchedulerSide:
                 or not computed < prompt <= computed + scheduled
                 or request.num_output_tokens + 1 < request.max_tokens):
             return
-        # A decode computes at least one prompt token itself (see get_num_new_matched_tokens).
-        count = self._suspect.clean_prefix(state.block_ids, min((prompt - 1) // self._block_size,
-                                                                len(state.block_ids)))
+        # The full blocks leave at least one prompt token out (see get_num_new_matched_tokens);
+        # the tail block after them holds the rest of the prompt.
+        full = (prompt - 1) // self._block_size
+        count = self._suspect.clean_prefix(state.block_ids, min(full, len(state.block_ids)))
         if count < 1:
             return
         state.granting = count
         hashes = self._blocks(state, count).hashes[:count]
-        self._step.grants.append(HandoffGrant(req_id, hashes, list(state.block_ids[:count])))
+        block_ids = list(state.block_ids[:count])
+        if count == full and len(state.block_ids) > count and self._suspect.clean_prefix(state.block_ids, count + 1) > count:
+            state.granting_tail = prompt - count * self._block_size
+            hashes += (self._tail_hash(state, count, prompt),)
+            block_ids.append(state.block_ids[count])
+        self._step.grants.append(HandoffGrant(req_id, hashes, block_ids))
 
     def _complete_handoffs(self, grants: dict[str, BlockGrant]) -> None:
         """Put this step's grants into the handoffs of the requests that finished in it; withdraw
@@ -421,7 +447,12 @@ class SchedulerSide:
                 if count >= 1:
                     self._step.holds.append(HeldRequest(req_id, held.hashes[:count], held.block_ids[:count]))
                 continue
-            attach_grant(awaited.params, grant.slice(0, count))
+            # The tail block comes last in the grant; it goes with the full blocks only when
+            # every one of them does and it is not suspect itself.
+            tail = awaited.tail_tokens if len(grant) > count else 0
+            if tail and self._suspect.clean_prefix(list(grant.block_ids), count + 1) <= count:
+                tail = 0
+            attach_grant(awaited.params, grant.slice(0, count + (1 if tail else 0)), tail)
         for req_id, awaited in self._awaiting_grants.items():
             logger.warning("kvbm: no grant came for request %s; its decode pulls it by hash", req_id)
             self._step.holds.append(awaited.held)
@@ -449,6 +480,21 @@ class SchedulerSide:
             self._release_handoff(state)
             return 0
         return count
+
+    def _handed_off_tail(self, state: _RequestState, covered: int) -> int:
+        """Decode side: the prompt tokens of the handoff's tail block this request can pull (0:
+        none): when the full blocks before it are covered (here, or pulled with it), the
+        request is the prompt alone (not resumed with output), and the tail's hash is ours."""
+        handoff, bs = state.handoff, self._block_size
+        if (handoff is None or not handoff.tail_tokens or covered != handoff.num_blocks
+                or handoff.num_blocks * bs + handoff.tail_tokens != state.request.num_tokens):
+            return 0
+        if state.tail_matches is None:
+            state.tail_matches = self._tail_hash(state, handoff.num_blocks, state.request.num_tokens) == handoff.tail_hash
+            if not state.tail_matches:
+                logger.warning("kvbm: request %s: the prefill's last %d prompt tokens do not match this "
+                               "worker's; computing them here", state.request.request_id, handoff.tail_tokens)
+        return handoff.tail_tokens if state.tail_matches else 0
 
     def _release_handoff(self, state: _RequestState) -> None:
         """Free the prefill's hold now (not at its end) when this request will not pull it."""
@@ -513,6 +559,14 @@ class SchedulerSide:
             self._requests[request.request_id] = state
         return state
 
+    def _tail_hash(self, state: _RequestState, full: int, end: int) -> BlockHash:
+        """The tail hash of the request's tokens ``full * block_size .. end`` (after ``full`` >= 1
+        full blocks)."""
+        bs, request = self._block_size, state.request
+        tokens = np.asarray(request.all_token_ids[full * bs : end], dtype=np.int32)
+        return self._hasher.hash_tail(tokens, self._blocks(state, full).hashes[full - 1],
+                                      block_extras(request, bs, full).get(0))
+
     def _blocks(self, state: _RequestState, count: int) -> HashedBlocks:
         """The request's first ``count`` full blocks, hashed (extends the chain as tokens grow)."""
         have = len(state.blocks)
@@ -534,6 +588,7 @@ class SchedulerSide:
 class _AwaitedGrant:
     params: dict[str, Any]  # the handoff request_finished returned: completed in place
     held: HeldRequest  # what to hold by hash instead, if the grant does not come
+    tail_tokens: int = 0  # prompt tokens of the tail block granted after the full ones
 
 
 def _configured_side_channel(config: ConnectorConfig) -> str | None:

@@ -141,6 +141,13 @@ class BlockGrant:
         return dataclasses.replace(self, block_ids=self.block_ids[first:end], checksums=self.checksums[first:end],
                                    hashes=self.hashes[first:end])
 
+    def take(self, positions: list[int]) -> BlockGrant:
+        """Blocks at ``positions`` of this grant, in that order, under the same lease."""
+        index = np.asarray(positions, dtype=np.int64)
+        hashes = tuple(self.hashes[i] for i in positions) if self.hashes else ()
+        return dataclasses.replace(self, block_ids=self.block_ids[index], checksums=self.checksums[index],
+                                   hashes=hashes)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,

@@ -233,3 +233,25 @@ def test_fingerprint_digest_is_the_chain_root() -> None:
     assert BlockHasher(fp).root == fp.digest() == xxhash.xxh3_128_digest(fp.encode())
     with pytest.raises(dataclasses.FrozenInstanceError):
         fp.model = "other"  # type: ignore[misc]
+
+
+def test_a_tail_hash_follows_the_documented_encoding_and_names_its_tokens() -> None:
+    hasher = make_hasher()
+    tokens = make_tokens(2 * BLOCK_SIZE + BLOCK_SIZE // 2 + 1)
+    full = hasher.hash_prompt(tokens)
+    tail = hasher.hash_tail(tokens[2 * BLOCK_SIZE :], full.hashes[-1])
+    assert tail == xxhash.xxh3_128_digest(b"kvbm.tail\x00" + full.hashes[-1]
+                                          + tokens[2 * BLOCK_SIZE :].astype("<i4").tobytes())
+    # Never a full block's hash, even for a whole block of tokens; the parent and every token count.
+    whole = hasher.hash_tail(tokens[BLOCK_SIZE : 2 * BLOCK_SIZE], full.hashes[0])
+    assert whole != full.hashes[1]
+    assert hasher.hash_tail(tokens[2 * BLOCK_SIZE : -1], full.hashes[-1]) != tail
+    assert hasher.hash_tail(tokens[2 * BLOCK_SIZE :], full.hashes[0]) != tail
+    assert hasher.hash_tail(tokens[2 * BLOCK_SIZE :], full.hashes[-1], BlockExtras(cache_salt="s")) != tail
+
+
+@pytest.mark.parametrize("count", [0, BLOCK_SIZE + 1])
+def test_a_tail_holds_one_to_a_block_of_tokens(count) -> None:
+    hasher = make_hasher()
+    with pytest.raises(ValueError, match="a tail holds"):
+        hasher.hash_tail(make_tokens(count), hasher.root)

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvbm.serving.server_process import free_port
+from kvbm.serving.sse import data_of
 
 pytestmark = pytest.mark.slow
 
@@ -130,10 +131,10 @@ def outcome(status: int, body: str) -> str:
     if not body.startswith("data: "):
         return json.loads(body)["choices"][0]["text"]
     parts = []
-    for line in body.splitlines():
-        if not line.startswith("data: {"):
+    for data in data_of(body):
+        if not data.startswith("{"):
             continue
-        event = json.loads(line[len("data: "):])
+        event = json.loads(data)
         if "error" in event:
             return "error: " + event["error"]["message"]
         parts += [choice["text"] for choice in event["choices"]]
