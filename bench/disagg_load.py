@@ -160,6 +160,7 @@ def launch(spec: SetupSpec, context: Context, engine: EngineSettings, log_dir: P
     from kvbm.serving.router_config import RouterConfig
     from kvbm.serving.serve import ServeOptions
 
+    assert spec.serve is not None  # a setup is a Stack or serve workers
     prefill, decode = spec.serve
     options = ServeOptions(engine=engine, log_dir=log_dir, prefill=prefill, decode=decode,
                            start_timeout_s=START_TIMEOUT_S, kvbm=KVBM_FIELDS,

@@ -31,6 +31,7 @@ import gc
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import lmdb
@@ -63,7 +64,7 @@ def open_tier(path: str, block_bytes: int, count: int) -> DiskSlotStore:
     return DiskSlotStore(open_directory(path, layout, on_mismatch=G3OnMismatch.WIPE, owner=False))
 
 
-def floors(path: str, nbytes: int) -> dict[str, object]:
+def floors(path: str, nbytes: int) -> dict[str, Callable[[], object]]:
     """Raw O_DIRECT I/O on the first ``nbytes`` of the tier's first slot file."""
     fd = os.open(os.path.join(path, "slots-00000.bin"), os.O_RDWR | os.O_DIRECT)
     buf = HostBuffer(1, nbytes).rows[0]
@@ -83,7 +84,11 @@ def floors(path: str, nbytes: int) -> dict[str, object]:
         step = 4 << 20
         list(pool.map(lambda off: os.preadv(fd, [buf[off : off + step]], off), range(0, nbytes, step)))
 
-    return {"write": write, "read 1": read1, "read 4": read4, "_close": lambda: (pool.shutdown(), os.close(fd))}
+    def close() -> None:
+        pool.shutdown()
+        os.close(fd)
+
+    return {"write": write, "read 1": read1, "read 4": read4, "_close": close}
 
 
 def measure(path: str, block_bytes: int, total: int, repeat: int, nixl: bool, rows: list[list[object]]) -> None:

@@ -126,7 +126,8 @@ def hit_rates(counters: dict[str, float]) -> dict[str, float | None]:
     }
     for tier in ("g2", "g3"):
         hits, misses = counters.get(f"kvbm.{tier}.hits"), counters.get(f"kvbm.{tier}.misses")
-        out[f"kvbm_{tier}_hit_rate"] = hits / (hits + misses) if hits is not None and hits + misses else None
+        out[f"kvbm_{tier}_hit_rate"] = (hits / (hits + misses) if hits is not None and misses is not None
+                                        and hits + misses else None)
     return out
 
 

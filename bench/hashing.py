@@ -41,7 +41,7 @@ def vllm_scheme(real: bool):
 
         return run
 
-    def run(token_list: list[int], bs: int) -> list[bytes]:
+    def run_without_vllm(token_list: list[int], bs: int) -> list[bytes]:
         parent, out = b"\0" * 32, []
         for i in range(0, len(token_list) - bs + 1, bs):
             payload = pickle.dumps((parent, tuple(token_list[i : i + bs]), None), protocol=pickle.HIGHEST_PROTOCOL)
@@ -49,7 +49,7 @@ def vllm_scheme(real: bool):
             out.append(parent)
         return out
 
-    return run
+    return run_without_vllm
 
 
 def main() -> None:

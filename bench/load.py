@@ -106,7 +106,8 @@ async def _run(url: str, model: str, workload: Workload, concurrency: int, timeo
 async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request) -> RequestTiming:
     body = {"model": model, "prompt": list(request.prompt), "max_tokens": request.max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
-    first = last = None
+    first: float | None = None
+    last = 0.0
     gaps: list[float] = []
     tokens = 0
     start = time.perf_counter()

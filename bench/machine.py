@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
+from typing import Any
 
 
 def cuda_devices() -> int:
@@ -35,7 +36,7 @@ def describe() -> dict[str, object]:
     }
 
 
-def summary(machine: dict[str, object]) -> str:
+def summary(machine: dict[str, Any]) -> str:
     """One line for tables and plot titles."""
     gpus = machine["gpus"]
     device = f"{len(gpus)} x {gpus[0]}, CUDA {machine['cuda']}" if gpus else "no CUDA"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SEPARATOR = re.compile(r"^\|[-:| ]+\|$")
@@ -70,7 +71,7 @@ def run(micro: Micro, quick: bool, scratch: Path) -> dict:
     env = {**os.environ, "KVBM_BENCH_DIR": str(scratch)}
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    out = {"command": "python -m " + " ".join([micro.module, *args]), "seconds": time.perf_counter() - start,
+    out: dict[str, Any] = {"command": "python -m " + " ".join([micro.module, *args]), "seconds": time.perf_counter() - start,
            "output": "\n".join(line for line in done.stdout.splitlines() if not _LOG_LINE.match(line)).strip()}
     if done.returncode != 0:
         out["error"] = f"exit {done.returncode}: " + "\n".join(done.stderr.strip().splitlines()[-15:])

@@ -7,10 +7,10 @@ the candidate and its floor are timed alternately, so drift affects both alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
-def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def best_of(fns: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """Best wall time (s) of each function over ``repeat`` rounds, interleaved round by round."""
     best = {name: float("inf") for name in fns}
     for _ in range(repeat):

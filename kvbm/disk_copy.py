@@ -191,7 +191,9 @@ class DiskLoadHandler(TransferHandler):
 
     def _run(self, job: TransferJob) -> HandlerOutcome:
         in_flight: collections.deque[tuple[int, np.ndarray, IoBatch]] = collections.deque()
-        failed, corrupt, reasons = [], [], []
+        failed: list[np.ndarray] = []
+        corrupt: list[np.ndarray] = []
+        reasons: list[str] = []
         try:
             for k, a in enumerate(range(0, job.num_blocks, self._chunk)):
                 if len(in_flight) == len(self._ring):

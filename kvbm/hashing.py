@@ -229,7 +229,7 @@ class BlockHasher:
         n = canon.shape[0] // bs
         grid = canon[: n * bs].reshape(n, bs)
         grid.flags.writeable = False
-        h = self._root if parent is None else _check_parent(parent)
+        h: bytes = self._root if parent is None else _check_parent(parent)
         data = grid.tobytes()
         step = bs * TOKEN_DTYPE.itemsize
         encoded = _encode_extras(extras, n)

@@ -126,6 +126,7 @@ class Forwarder:
             # Tokenizing costs the request time; with one candidate there is nothing to choose.
             hashes = self._prompt_hashes(body) if len(prefill_candidates) > 1 else ()
             prefill = choose_prefill(prefill_candidates, hashes, self._published)
+            assert prefill is not None  # there were candidates
             body = await self._prefill(prefill, endpoint, body)
             hop = Hop.DECODE
         handoff = Handoff.from_params(body.get("kv_transfer_params"))
@@ -231,6 +232,7 @@ class Forwarder:
                 response, failure = await self._unary(worker, endpoint, body, received_at)
             if response is not None:
                 return response
+            assert failure is not None  # no answer comes with its failure
             self._stats.count_error(ErrorKind.WORKER_FAILED)
             reasons.append(f"{worker.id} ({worker.url}): {type(failure).__name__}: {failure}")
             stays = await self._failed(worker, failure)

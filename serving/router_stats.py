@@ -191,9 +191,9 @@ async def fetch_worker_stats(client: httpx.AsyncClient, workers: Sequence[Worker
                              timeout_s: float) -> dict[str, WorkerReply]:
     """GETs ``stats_url + path`` of every worker that has a stats endpoint and should be up,
     all at once, each within ``timeout_s``; keyed by worker id."""
-    asked = [w for w in workers if w.stats_url and w.state in _STATS_STATES]
-    replies = await asyncio.gather(*(_fetch(client, w.stats_url + path, timeout_s) for w in asked))
-    return {w.id: reply for w, reply in zip(asked, replies)}
+    asked = [(w, w.stats_url) for w in workers if w.stats_url and w.state in _STATS_STATES]
+    replies = await asyncio.gather(*(_fetch(client, url + path, timeout_s) for _, url in asked))
+    return {w.id: reply for (w, _), reply in zip(asked, replies)}
 
 
 async def _fetch(client: httpx.AsyncClient, url: str, timeout_s: float) -> WorkerReply:

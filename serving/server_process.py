@@ -56,8 +56,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that was free a moment ago, that the kernel does not hand out
     by itself and that this process has not returned before (see :data:`PORT_FLOOR`).
 
-    Falls back to a kernel-chosen port when the range below the ephemeral one is too small
-    or full.
+    Falls back to a kernel-chosen port (racy, as above) only when the range below the
+    ephemeral one is too small or full.
     """
     low, _ = ephemeral_ports()
     span = low - PORT_FLOOR

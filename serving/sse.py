@@ -47,7 +47,8 @@ def _data(line: bytes) -> str | None:
     if not line.startswith(b"data:"):
         return None
     payload = line[5:]
-    return (payload[1:] if payload.startswith(b" ") else payload).decode("utf-8")
+    # As httpx decodes: a stream cut inside a character still yields its other events.
+    return (payload[1:] if payload.startswith(b" ") else payload).decode("utf-8", errors="replace")
 
 
 def data_of(body: str | bytes) -> list[str]:

@@ -81,16 +81,16 @@ def decode(llm, prompts: list[str], params: list[dict | None]):
 
 @contextlib.contextmanager
 def first_steps(llm):
-    """Records, per prompt length, how many tokens each new request had computed (loaded)
-    when vLLM first scheduled it, and how many it computed in that step."""
+    """Records, per prompt (its token ids), how many tokens each new request had computed
+    (loaded) when vLLM first scheduled it, and how many it computed in that step."""
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
-    seen: dict[int, tuple[int, int]] = {}
+    seen: dict[tuple[int, ...], tuple[int, int]] = {}
     build = connector.build_connector_meta
 
     def recording(scheduler_output):
         for new in scheduler_output.scheduled_new_reqs:
-            seen[len(new.prompt_token_ids)] = (new.num_computed_tokens,
-                                               scheduler_output.num_scheduled_tokens[new.req_id])
+            seen[tuple(new.prompt_token_ids)] = (new.num_computed_tokens,
+                                                 scheduler_output.num_scheduled_tokens[new.req_id])
         return build(scheduler_output)
 
     connector.build_connector_meta = recording
@@ -157,7 +157,7 @@ def test_decode_pulls_prefill_blocks_token_for_token(reference, prefill_server, 
         # the decode computes only the prompt's last token, as after any full hit.
         prompt = len(out.prompt_token_ids)
         assert p["kvbm"]["tail_tokens"] == prompt - BLOCK * p["kvbm"]["num_blocks"] > 0
-        assert first[prompt] == (prompt - 1, 1)
+        assert first[tuple(out.prompt_token_ids)] == (prompt - 1, 1)
     pulled = sum(p["kvbm"]["num_blocks"] + 1 for p in params[:3])  # full blocks and the tail
     stats = remote_stats(decode_engine)
     assert stats["pulls"]["blocks_pulled"] == pulled and stats["pulls"]["blocks_failed"] == 0
@@ -240,31 +240,77 @@ def test_bad_handoffs_recompute(prefill_server, decode_engine):
     assert tokens(outputs) == tokens(decode(decode_engine, prompts * 2, [None] * 6))
 
 
+def token_prompts(seed: int, count: int, full_blocks: int, tail: int) -> list[list[int]]:
+    """``count`` prompts of random token ids: ``full_blocks`` blocks in common, then a tail of
+    ``tail`` tokens of each one's own."""
+    import random
+
+    rng = random.Random(seed)
+    common = [rng.randrange(1, 1000) for _ in range(full_blocks * BLOCK)]
+    return [common + [rng.randrange(1, 1000) for _ in range(tail)] for _ in range(count)]
+
+
+def prefill_ids(worker: Prefill, ids: list[int]) -> dict:
+    params = prefill(worker, ids)  # type: ignore[arg-type]  # the API takes token ids too
+    assert params is not None and params["kvbm"]["tail_tokens"] == len(ids) % BLOCK
+    return params
+
+
+def decode_ids(llm, prompts: list[list[int]], params: list[dict | None]):
+    return decode(llm, [{"prompt_token_ids": ids} for ids in prompts], params)  # type: ignore[misc]
+
+
 def test_a_tail_that_differs_or_arrives_corrupt_is_computed_here(prefill_server, decode_engine):
-    """The handed-off tail block is checked like the full ones: a tail hash that is not this
-    worker's (other last tokens) is not pulled, and a tail whose bytes fail their checksum is
-    recomputed; either way the output is the decode's own."""
+    """The handed-off tail block is checked like the full ones: the tail of a prompt that ends
+    otherwise (same full blocks, same length, other last tokens) is not loaded, and a tail whose
+    bytes fail their checksum is recomputed. Loading either would change the output."""
     import base64
 
-    prompts = [f"Tail case {i}: " + "the last block of a prompt is handed off as well " * 12 for i in range(2)]
-    good = [prefill(prefill_server, p) for p in prompts]
-    other_tail = json.loads(json.dumps(good[0]))
-    hashes = base64.b64decode(other_tail["kvbm"]["grant"]["hashes"])
-    other_tail["kvbm"]["grant"]["hashes"] = base64.b64encode(hashes[:-16] + bytes(16)).decode()
-    corrupt = json.loads(json.dumps(good[1]))
+    mine, other = token_prompts(243, 2, full_blocks=6, tail=20)
+    corrupt_ids = token_prompts(244, 1, full_blocks=6, tail=20)[0]
+    others = prefill_ids(prefill_server, other)  # the decode gets the other prompt's handoff
+    corrupt = prefill_ids(prefill_server, corrupt_ids)
     sums = bytearray(base64.b64decode(corrupt["kvbm"]["grant"]["checksums"]))
     sums[-8:] = bytes(8)  # the tail's checksum, last in the grant
     corrupt["kvbm"]["grant"]["checksums"] = base64.b64encode(bytes(sums)).decode()
     before = remote_stats(decode_engine)
     with first_steps(decode_engine) as first:
-        outputs = decode(decode_engine, prompts, [other_tail, corrupt])
+        outputs = decode_ids(decode_engine, [mine, corrupt_ids], [others, corrupt])
     after = remote_stats(decode_engine)
-    full = other_tail["kvbm"]["num_blocks"] * BLOCK
-    prompt = len(outputs[0].prompt_token_ids)
-    assert first[prompt] == (full, prompt - full)  # the full blocks pulled, the tail computed
+    assert first[tuple(mine)] == (6 * BLOCK, 20)  # the full blocks pulled, the tail computed here
     assert after["pulls"]["checksum_failures"] == before["pulls"]["checksum_failures"] + 1
     assert after["load_error_blocks"] == before["load_error_blocks"] + 1
-    assert tokens(outputs) == tokens(decode(decode_engine, prompts, [None, None]))
+    assert tokens(outputs) == tokens(decode_ids(decode_engine, [mine, corrupt_ids], [None, None]))
+
+
+def test_a_tail_said_to_hold_more_than_a_block_is_not_loaded(prefill_server, decode_engine):
+    ids = token_prompts(247, 1, full_blocks=6, tail=20)[0]
+    params = prefill_ids(prefill_server, ids)
+    params["kvbm"]["tail_tokens"] = 10**6  # a malformed handoff must not stop the engine
+    with first_steps(decode_engine) as first:
+        outputs = decode_ids(decode_engine, [ids], [params])
+    assert first[tuple(ids)] == (6 * BLOCK, 20)
+    assert tokens(outputs) == tokens(decode_ids(decode_engine, [ids], [None]))
+
+
+def test_a_tail_alone_is_pulled_only_when_it_saves_more_than_half_a_block(prefill_server, decode_engine):
+    """With the full blocks in the decode's own cache, a tail of more than half a block is
+    still pulled (an asynchronous load for it alone); a shorter one is computed here, and the
+    prefill's hold is released at once."""
+    long_tail = token_prompts(245, 1, full_blocks=6, tail=BLOCK // 2 + 4)[0]
+    short_tail = token_prompts(246, 1, full_blocks=6, tail=BLOCK // 2)[0]
+    reference = tokens(decode_ids(decode_engine, [long_tail, short_tail], [None, None]))  # caches the blocks
+    params = [prefill_ids(prefill_server, ids) for ids in (long_tail, short_tail)]
+    before, holds = remote_stats(decode_engine), prefill_server.holds()
+    with first_steps(decode_engine) as first:
+        outputs = decode_ids(decode_engine, [long_tail, short_tail], params)
+    after = remote_stats(decode_engine)
+    assert tokens(outputs) == reference
+    assert first[tuple(long_tail)] == (len(long_tail) - 1, 1)
+    assert first[tuple(short_tail)] == (6 * BLOCK, BLOCK // 2)
+    assert after["pulls"]["blocks_pulled"] == before["pulls"]["blocks_pulled"] + 1
+    ended = wait_for(lambda: (h := prefill_server.holds())["holding"] == 0 and h, "both holds to end")
+    assert ended["read"] == holds["read"] + 2 and ended["unclaimed"] == holds["unclaimed"]
 
 
 def test_silent_and_garbage_peers_fail_by_their_deadline_and_recompute(prefill_server, decode_engine):

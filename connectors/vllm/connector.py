@@ -29,6 +29,8 @@ from kvbm.connectors.vllm.stats import KvbmConnectorStats, KvbmPromMetrics, Stat
 if TYPE_CHECKING:
     import torch
 
+    from kvbm.connectors.vllm.scheduler import SchedulerSide
+    from kvbm.connectors.vllm.worker import WorkerSide
     from kvbm.stats import KvbmStats
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -43,8 +45,8 @@ class KVBMConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self._config = ConnectorConfig.from_extra_config(transfer.kv_connector_extra_config)
-        self._scheduler = None
-        self._worker = None
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
         self._stats_server: StatsServer | None = None
         if role == KVConnectorRole.SCHEDULER:
             from kvbm.connectors.vllm.scheduler import SchedulerSide
@@ -72,10 +74,10 @@ class KVBMConnector(KVConnectorBase_V1):
     # -- worker side -------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._worker.register_kv_caches(kv_caches)
+        self._worker_side.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        self._worker.start_load_kv(self._meta())
+        self._worker_side.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # whole-block loads finish in start_load_kv, before the forward pass
@@ -84,24 +86,24 @@ class KVBMConnector(KVConnectorBase_V1):
         return  # blocks are offloaded whole, after the forward pass, in wait_for_save
 
     def wait_for_save(self) -> None:
-        self._worker.wait_for_save(self._meta())
+        self._worker_side.wait_for_save(self._meta())
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
         assert isinstance(kv_connector_metadata, KvbmConnectorMetadata)
-        self._worker.handle_preemptions(kv_connector_metadata)
+        self._worker_side.handle_preemptions(kv_connector_metadata)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # After this step's forward pass on every path (also when wait_for_save is deferred past
         # a draft model's forward), and while the step's metadata is still bound.
         if self.has_connector_metadata():
-            self._worker.grant_handoffs(self._meta())
-        return self._worker.get_finished(finished_req_ids)
+            self._worker_side.grant_handoffs(self._meta())
+        return self._worker_side.get_finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.take_load_errors()
+        return self._worker_side.take_load_errors()
 
     def build_connector_worker_meta(self):
-        return self._worker.build_worker_meta()
+        return self._worker_side.build_worker_meta()
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -114,22 +116,22 @@ class KVBMConnector(KVConnectorBase_V1):
     # -- scheduler side ------------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self._scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def on_new_request(self, request: Any) -> None:
-        self._scheduler.on_new_request(request)
+        self._scheduler_side.on_new_request(request)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        self._scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KvbmConnectorMetadata:
-        return self._scheduler.build_connector_meta(scheduler_output)
+        return self._scheduler_side.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: Any) -> None:
-        self._scheduler.update_connector_output(connector_output)
+        self._scheduler_side.update_connector_output(connector_output)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self._scheduler.request_finished(request, block_ids)
+        return self._scheduler_side.request_finished(request, block_ids)
 
     def has_pending_block_frees(self) -> bool:
         return self._scheduler is not None and self._scheduler.has_pending_block_frees()
@@ -154,6 +156,18 @@ class KVBMConnector(KVConnectorBase_V1):
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> KvbmPromMetrics:
         return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    @property
+    def _worker_side(self) -> WorkerSide:
+        if self._worker is None:
+            raise RuntimeError("kvbm connector: vLLM called a worker-side method on the scheduler's connector")
+        return self._worker
+
+    @property
+    def _scheduler_side(self) -> SchedulerSide:
+        if self._scheduler is None:
+            raise RuntimeError("kvbm connector: vLLM called a scheduler-side method on a worker's connector")
+        return self._scheduler
 
     def _meta(self) -> KvbmConnectorMetadata:
         meta = self._get_connector_metadata()

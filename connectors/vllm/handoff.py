@@ -144,4 +144,4 @@ NOTHING_HANDED_OFF: dict[str, Any] = {"do_remote_prefill": False, "do_remote_dec
 
 def wants_handoff(params: Mapping[str, Any] | None) -> bool:
     """True when the router asked this (prefill) request to leave its KV for a decode worker."""
-    return bool(params) and params.get("do_remote_decode") is True
+    return params is not None and params.get("do_remote_decode") is True

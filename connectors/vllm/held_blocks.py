@@ -35,7 +35,7 @@ from kvbm.ids import BlockHash, Tier
 from kvbm.remote import Lease, LeaseEnd, PinnedBlocks
 
 
-_ENDED_AS = {LeaseEnd.RELEASED: "read", LeaseEnd.EXPIRED: "unclaimed", LeaseEnd.REVOKED: "revoked"}
+_ENDED_AS: dict[LeaseEnd | None, str] = {LeaseEnd.RELEASED: "read", LeaseEnd.EXPIRED: "unclaimed", LeaseEnd.REVOKED: "revoked"}
 
 
 @dataclasses.dataclass

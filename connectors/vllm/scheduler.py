@@ -15,12 +15,13 @@ returns True and the worker reports the request in ``finished_sending`` once its
 
 Disaggregated serving (``remote`` configured; see :mod:`.handoff`): a prefill request sent with
 ``do_remote_decode`` ends in the step that computes the rest of its prompt; that step's
-metadata asks the worker to grant the prompt's full blocks after the forward pass (a lease and
-their checksums), and ``request_finished`` returns a :class:`Handoff` as its
-``kv_transfer_params``, which the grant from the same step's worker output completes before
-vLLM sends it. A decode request carrying one loads what G2/G3 hold, then pulls the rest of the
-handed-off prefix straight from the prefill's engine blocks (always an asynchronous load). A
-pull is tried once per request; what fails is recomputed.
+metadata asks the worker to grant the prompt's blocks after the forward pass (a lease and
+their checksums: the full blocks, then the tail block holding the prompt's last tokens), and
+``request_finished`` returns a :class:`Handoff` as its ``kv_transfer_params``, which the grant
+from the same step's worker output completes before vLLM sends it. A decode request carrying
+one loads what G2/G3 hold, then pulls the rest of the handed-off prefix straight from the
+prefill's engine blocks (always an asynchronous load), the tail included, so it computes only
+the prompt's last token. A pull is tried once per request; what fails is recomputed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A handed-off tail block pulled with nothing else to load must hold more than this share of
+# a block (see SchedulerSide._handed_off_tail).
+TAIL_ALONE_MIN_SHARE = 0.5
 STATS_INTERVAL_S = 1.0  # vLLM's stats logger reports every 5 s; Prometheus scrapes every 10-60 s
 # A prefill that ends like this has no answer to carry a handoff: holding its blocks would
 # only keep them from vLLM until the lease ends.
@@ -195,7 +199,7 @@ class SchedulerSide:
             remote_end = self._handed_off_blocks(state, limit)
             state.remote_end = remote_end if remote_end > start + match.num_blocks else 0
             blocks = max(match.num_blocks, state.remote_end - start)
-        state.tail = self._handed_off_tail(state, start + blocks)
+        state.tail = self._handed_off_tail(state, start, blocks)
         if not blocks and not state.tail:
             return 0, False
         # Decided once here: vLLM parks the request (WAITING_FOR_REMOTE_KVS) on this answer.
@@ -240,7 +244,8 @@ class SchedulerSide:
             handoff = state.handoff
             positions = list(range(start + local, start + count)) + ([handoff.num_blocks] if tail else [])
             grant = handoff.grant.take(positions) if handoff.grant is not None else None
-            hashes = state.blocks.hashes[start + local : start + count] + ((handoff.tail_hash,) if tail else ())
+            tail_hash = handoff.tail_hash if tail else None
+            hashes = state.blocks.hashes[start + local : start + count] + ((tail_hash,) if tail_hash else ())
             remote = RemotePull(handoff.source, hashes, list(block_ids[local:]), grant)
             state.handoff = None
         self._release_handoff(state)
@@ -297,13 +302,12 @@ class SchedulerSide:
         if output.invalid_block_ids:
             invalid = output.invalid_block_ids
             self._suspect.loads_failed(invalid, (s.block_ids for s in self._requests.values()))
-            for state in self._requests.values():
-                if state.load_block_ids and not invalid.isdisjoint(state.load_block_ids):
-                    state.load_failed = True
+            for loading in self._requests.values():
+                if loading.load_block_ids and not invalid.isdisjoint(loading.load_block_ids):
+                    loading.load_failed = True
         for req_id in output.finished_recving or ():
-            state = self._requests.get(req_id)
-            if state is not None:
-                state.loading = False
+            if (loaded := self._requests.get(req_id)) is not None:
+                loaded.loading = False
         worker_meta = output.kv_connector_worker_meta
         if isinstance(worker_meta, KvbmWorkerMetadata):
             self._side_channel = worker_meta.side_channel or self._side_channel
@@ -312,9 +316,9 @@ class SchedulerSide:
             for result in worker_meta.results:
                 result, tainted = self._suspect.settle(result)
                 self._manager.complete(result)
-                if tainted is not None and (owner := self._requests.get(tainted.req_id)) is not None:
+                if tainted is not None and (computing := self._requests.get(tainted.req_id)) is not None:
                     # Offer those blocks again once computed right (this reservation held them).
-                    owner.offered = min(owner.offered, tainted.first)
+                    computing.offered = min(computing.offered, tainted.first)
                 if result.reason:
                     logger.warning("kvbm job %d failed for %d blocks: %s",
                                    result.job_id, len(result.failed), result.reason)
@@ -373,7 +377,8 @@ class SchedulerSide:
 
     def _hold_for_decode(self, request: Request, state: _RequestState,
                          block_ids: list[int]) -> dict[str, Any] | None:
-        """Prefill side: hold the prompt's full blocks for a decode worker; the handoff params."""
+        """Prefill side: hold the prompt's full blocks for a decode worker; the handoff params
+        (a granted request's grant, tail block included, joins them in :meth:`_complete_handoffs`)."""
         if not wants_handoff(request.kv_transfer_params) or request.status in _NO_HANDOFF:
             return None
         if self._side_channel is None:
@@ -402,7 +407,7 @@ class SchedulerSide:
     def _ask_grant(self, req_id: str, state: _RequestState, computed: int, scheduled: int) -> None:
         """Prefill side: when this step ends a request a router sent for a remote decode (it
         computes the rest of the prompt and the last token asked for), have the worker grant
-        its prompt's full blocks right after the forward pass."""
+        its prompt's full blocks and its tail block right after the forward pass."""
         request = state.request
         prompt = request.num_prompt_tokens
         if (state.granting or not self._grants_enabled or self._side_channel is None
@@ -434,25 +439,26 @@ class SchedulerSide:
             if awaited is None:
                 self._step.revokes.append(req_id)
                 state = self._requests.get(req_id)
-                if state is not None:
-                    state.granting = 0  # still running: if it hands off later, it is held by hash
+                if state is not None:  # still running: if it hands off later, it is held by hash
+                    state.granting = state.granting_tail = 0
                 continue
-            held = awaited.held
+            held, tail = awaited.held, awaited.tail_tokens
             count = self._suspect.clean_prefix(held.block_ids, len(held.hashes))
-            if count < len(held.hashes):  # a load failure reported in this very output
+            # The handoff carries the grant only as leased, to the last block: a side-channel
+            # release names the lease by its last hash (see BlockSource.release_hashes).
+            whole = (count == len(held.hashes) and len(grant) == count + (1 if tail else 0)
+                     and (not tail or self._suspect.clean_prefix(list(grant.block_ids), count + 1) > count))
+            if not whole:  # a load failure reported in this very output, or fewer blocks held than granted
                 self._step.revokes.append(req_id)
+                source = self._side_channel
+                assert source is not None  # request_finished handed off only with a side channel
                 # Only our own entry changes: another connector may share the params' top level.
                 awaited.params[KEY] = None if count < 1 else Handoff(
-                    self._side_channel, count, held.hashes[count - 1]).to_params()[KEY]
+                    source, count, held.hashes[count - 1]).to_params()[KEY]
                 if count >= 1:
                     self._step.holds.append(HeldRequest(req_id, held.hashes[:count], held.block_ids[:count]))
                 continue
-            # The tail block comes last in the grant; it goes with the full blocks only when
-            # every one of them does and it is not suspect itself.
-            tail = awaited.tail_tokens if len(grant) > count else 0
-            if tail and self._suspect.clean_prefix(list(grant.block_ids), count + 1) <= count:
-                tail = 0
-            attach_grant(awaited.params, grant.slice(0, count + (1 if tail else 0)), tail)
+            attach_grant(awaited.params, grant, tail)
         for req_id, awaited in self._awaiting_grants.items():
             logger.warning("kvbm: no grant came for request %s; its decode pulls it by hash", req_id)
             self._step.holds.append(awaited.held)
@@ -481,13 +487,17 @@ class SchedulerSide:
             return 0
         return count
 
-    def _handed_off_tail(self, state: _RequestState, covered: int) -> int:
+    def _handed_off_tail(self, state: _RequestState, start: int, blocks: int) -> int:
         """Decode side: the prompt tokens of the handoff's tail block this request can pull (0:
-        none): when the full blocks before it are covered (here, or pulled with it), the
-        request is the prompt alone (not resumed with output), and the tail's hash is ours."""
+        none): when the full blocks before it are covered (vLLM's ``start`` cached ones, then
+        ``blocks`` this load brings), the request is the prompt alone (not resumed with
+        output), and the tail's hash is ours. Alone (``blocks`` 0) only a tail of more than
+        :data:`TAIL_ALONE_MIN_SHARE` of a block: an asynchronous load costs the request a
+        step, and computing a few tokens here is cheaper than that."""
         handoff, bs = state.handoff, self._block_size
-        if (handoff is None or not handoff.tail_tokens or covered != handoff.num_blocks
-                or handoff.num_blocks * bs + handoff.tail_tokens != state.request.num_tokens):
+        if (handoff is None or not 0 < handoff.tail_tokens <= bs or start + blocks != handoff.num_blocks
+                or handoff.num_blocks * bs + handoff.tail_tokens != state.request.num_tokens
+                or (not blocks and handoff.tail_tokens <= TAIL_ALONE_MIN_SHARE * bs)):
             return 0
         if state.tail_matches is None:
             state.tail_matches = self._tail_hash(state, handoff.num_blocks, state.request.num_tokens) == handoff.tail_hash

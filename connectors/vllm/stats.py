@@ -36,7 +36,7 @@ class KvbmConnectorStats(KVConnectorStats):
     """The latest block-pool snapshot (``data`` is ``KvbmStats.to_dict()``)."""
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, Any] = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         # Snapshots are cumulative: the newer one (other) supersedes.

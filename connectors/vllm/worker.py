@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = logging.getLogger(__name__)
+_Part = TypeVar("_Part")  # a part register_kv_caches sets up (see WorkerSide._require)
 
 
 class WorkerSide:
@@ -86,7 +87,8 @@ class WorkerSide:
         """Registers vLLM's per-layer KV tensors as G1 and allocates G2 to match."""
         # vLLM may allocate more blocks than it uses (num_gpu_blocks_override caps the count,
         # not the tensor); ids past num_blocks never appear in a block table, so they are left out.
-        n, tensors = self._num_blocks, []
+        n = self._num_blocks
+        tensors: list[torch.Tensor] = []
         for name, tensor in kv_caches.items():
             if tensor.ndim > 2 and tensor.shape[0] == 2 and tensor.shape[1] >= n:
                 tensors.extend((tensor[0, :n], tensor[1, :n]))  # [2, num_blocks, ...]: K and V planes
@@ -254,8 +256,8 @@ class WorkerSide:
     def _collect(self) -> None:
         for result in [r for engine in self._engines() for r in engine.poll()]:
             req_id, job = self._jobs.pop(result.job_id)
-            owned = self._req_jobs.get(req_id)
-            if owned is not None:
+            owned = self._req_jobs.get(req_id) if req_id is not None else None
+            if req_id is not None and owned is not None:
                 owned.discard(result.job_id)
                 if not owned and req_id not in self._awaiting and req_id not in self._async_loads:
                     del self._req_jobs[req_id]
@@ -272,7 +274,7 @@ class WorkerSide:
     def _start_remote(self, g1: EngineKV) -> None:
         from kvbm.remote import RemoteWorker, engine_tier
 
-        remote = self._config.remote
+        remote = self._require(self._config.remote)
         self._held = HeldBlocks(hold_s=remote.lease_s)
         self._remote = RemoteWorker(remote, pinner=self._held)
         self._remote.register(engine_tier(g1))
@@ -323,7 +325,7 @@ class WorkerSide:
         return side_channel, stats
 
     @staticmethod
-    def _require(engine: TransferEngine | None) -> TransferEngine:
-        if engine is None:
+    def _require(part: _Part | None) -> _Part:
+        if part is None:
             raise RuntimeError("kvbm connector: register_kv_caches was not called")
-        return engine
+        return part

@@ -86,8 +86,8 @@ class LeaseKeeper:
         if now < self._next_beat:
             return
         self._next_beat = now + self._heartbeat_s
-        for source, leases in self._held.items():
-            if self._deliver(source, notices.heartbeat(sorted(leases))):
+        for source, holders in self._held.items():
+            if self._deliver(source, notices.heartbeat(sorted(holders))):
                 self.heartbeats_sent += 1
 
     def flush(self) -> None:

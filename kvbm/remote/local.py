@@ -76,7 +76,7 @@ class LocalTier:
         for k, b in enumerate(rows.tolist()):
             h = xxh3_64()
             for seg in segs:
-                h.update(views[seg.region][b, seg.offset : seg.offset + seg.nbytes])
+                h.update(views[seg.region][b, seg.offset : seg.offset + seg.nbytes].data)
             out[k] = h.intdigest()
         return out
 

@@ -455,7 +455,8 @@ class PullEngine:
 
     def _retry_retained(self) -> list[JobResult]:
         """Retry every refused release; return the results of the jobs now released."""
-        released, still = [], []
+        released: list[_Retained] = []
+        still: list[_Retained] = []
         for retained in self._retained:
             (released if self._transport.release(retained.handle) else still).append(retained)
         self._retained = still

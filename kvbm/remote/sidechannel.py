@@ -75,7 +75,7 @@ class SideChannelServer:
         self._server.server_bind()
         self._server.server_activate()
         bound_host, bound_port = self._server.server_address[:2]
-        self._address = f"{bound_host}:{bound_port}"
+        self._address = f"{bound_host!s}:{bound_port}"  # an AF_INET server's host is a str
         # Request threads inherit this thread's CPUs: all of the process's, not the engine's one.
         self._thread = start_thread(lambda: self._server.serve_forever(poll_interval=0.2), "kvbm-side-channel")
 

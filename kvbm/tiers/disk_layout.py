@@ -317,7 +317,7 @@ def _preallocate(fd: int, size: int) -> str | None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+        return f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror}"
     return None
 
 

@@ -381,7 +381,7 @@ class DiskSlotStore(SlotStore):
         pad = getattr(self._local, "pad", None)
         if pad is None:
             pad = self._local.pad = np.zeros(self._stride - self._block_bytes, dtype=np.uint8)
-        out = []
+        out: list[np.ndarray] = []
         for r in ids:
             out += (rows[r], pad)
         return out
@@ -420,7 +420,7 @@ def _transfer(op: Callable[[int, list[memoryview], int], int], fd: int, bufs: li
     """Run preadv/pwritev until every buffer is done, EOF, or an error; returns (bytes, error)."""
     total = sum(b.nbytes for b in bufs)
     done = 0
-    views = [memoryview(b).cast("B") for b in bufs]
+    views = [b.data.cast("B") for b in bufs]
     while done < total:
         try:
             n = op(fd, views, offset + done)

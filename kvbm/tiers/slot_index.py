@@ -110,7 +110,7 @@ class SlotIndex(TierIndex):
         slot_of, doomed = self._slot_of, self._doomed
         wanted = [i for i, h in enumerate(hashes) if h not in slot_of and h not in doomed]
         if len({hashes[i] for i in wanted}) != len(wanted):  # rare: a hash repeated in one call
-            first = {}
+            first: dict[BlockHash, int] = {}
             for i in wanted:
                 first.setdefault(hashes[i], i)
             wanted = list(first.values())
