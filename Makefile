@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check kvbm connectors serving bench tests
+	$(VENV)/bin/ruff format --check kvbm connectors serving bench tests
 	$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest
 

@@ -120,8 +120,7 @@ def main() -> None:
         )
     ]
     print_table(
-        f"bookkeeping per block, µs ({args.slots} G2 slots, {args.prompt_blocks}-block prompts,"
-        f" best of {args.repeat})",
+        f"bookkeeping per block, µs ({args.slots} G2 slots, {args.prompt_blocks}-block prompts, best of {args.repeat})",
         ["operation", "kvbm µs/block", "dict floor µs/block", "ratio"],
         rows,
     )

@@ -69,13 +69,19 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=3500)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--throughput-prompts", type=int, default=8)
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="idle seconds before each measured request")
+    parser.add_argument("--settle", type=float, default=1.0, help="idle seconds before each measured request")
     parser.add_argument("--model", choices=sorted(PRESETS), default="bench", help="embedded model preset")
-    parser.add_argument("--async-load-min-blocks", type=int, default=None,
-                        help="the connector's threshold for asynchronous loads (default: its own)")
-    parser.add_argument("--sync-loads", action="store_true",
-                        help="let loads finish before their step's forward pass (the connector's sync_loads)")
+    parser.add_argument(
+        "--async-load-min-blocks",
+        type=int,
+        default=None,
+        help="the connector's threshold for asynchronous loads (default: its own)",
+    )
+    parser.add_argument(
+        "--sync-loads",
+        action="store_true",
+        help="let loads finish before their step's forward pass (the connector's sync_loads)",
+    )
     args = parser.parse_args()
     from vllm import LLM
 
@@ -97,8 +103,9 @@ def main() -> None:
         g1_hit.append(timed(llm, prompt))
     # The same fresh sets for both engines; set 0 warms up each engine's batch shapes (oneDNN
     # caches are per process, so without it the first engine measured pays for them).
-    batches = [prompts(np.random.default_rng(100 + i), args.throughput_prompts, 512, vocab)
-               for i in range(args.repeats + 1)]
+    batches = [
+        prompts(np.random.default_rng(100 + i), args.throughput_prompts, 512, vocab) for i in range(args.repeats + 1)
+    ]
     plain_tput = throughput(llm, batches, args.settle)
     shutdown(llm)
 
@@ -108,9 +115,15 @@ def main() -> None:
         if args.sync_loads:
             extra = {**extra, "sync_loads": True}
         settings = EngineSettings(
-            model=model, max_model_len=4096, num_gpu_blocks_override=g1_blocks,
-            kv_transfer_config={"kv_connector": "KVBMConnector", "kv_role": "kv_both",
-                                "kv_connector_extra_config": extra})
+            model=model,
+            max_model_len=4096,
+            num_gpu_blocks_override=g1_blocks,
+            kv_transfer_config={
+                "kv_connector": "KVBMConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": extra,
+            },
+        )
         return LLM(**settings.llm_kwargs())
 
     def evicted_hits(llm, filler_rounds: int = 1) -> list[float]:
@@ -144,21 +157,33 @@ def main() -> None:
     print(f"{args.model} model, {n}-token prompt, medians of {args.repeats}")
     print("| path | TTFT ms | vs G1 hit | vs recompute |")
     print("|---|---:|---:|---:|")
-    for name, values in (("recompute (vLLM cold)", cold), ("vLLM G1 prefix hit", g1_hit),
-                         ("kvbm G2 hit", g2_hit), ("kvbm G3 hit", g3_hit)):
-        print(f"| {name} | {med(values) * 1000:.0f} | {med(values) / med(g1_hit):.2f}x | {med(values) / med(cold):.2f}x |")
+    for name, values in (
+        ("recompute (vLLM cold)", cold),
+        ("vLLM G1 prefix hit", g1_hit),
+        ("kvbm G2 hit", g2_hit),
+        ("kvbm G3 hit", g3_hit),
+    ):
+        print(
+            f"| {name} | {med(values) * 1000:.0f} | {med(values) / med(g1_hit):.2f}x | {med(values) / med(cold):.2f}x |"
+        )
     paired = med([k / p for k, p in zip(kvbm_tput, plain_tput)])
-    print(f"no-hit throughput: vLLM {med(plain_tput):.2f} s, vLLM+kvbm {med(kvbm_tput):.2f} s "
-          f"(median of per-batch ratios {(paired - 1) * 100:+.1f}%) for {args.throughput_prompts} "
-          f"unique 512-token prompts x 64 tokens, {args.repeats} batches; per batch vLLM "
-          f"{', '.join(f'{t:.2f}' for t in plain_tput)} s, kvbm {', '.join(f'{t:.2f}' for t in kvbm_tput)} s")
+    print(
+        f"no-hit throughput: vLLM {med(plain_tput):.2f} s, vLLM+kvbm {med(kvbm_tput):.2f} s "
+        f"(median of per-batch ratios {(paired - 1) * 100:+.1f}%) for {args.throughput_prompts} "
+        f"unique 512-token prompts x 64 tokens, {args.repeats} batches; per batch vLLM "
+        f"{', '.join(f'{t:.2f}' for t in plain_tput)} s, kvbm {', '.join(f'{t:.2f}' for t in kvbm_tput)} s"
+    )
     g2 = stats["tiers"]["g2"]
-    print(f"G2: {g2['blocks_onboarded']} blocks onboarded, {g2['blocks_offloaded']} offloaded, "
-          f"hit rate {g2['hit_rate']:.2f}, p50 transfer {g2['latency_p50_s'] * 1000:.1f} ms")
+    print(
+        f"G2: {g2['blocks_onboarded']} blocks onboarded, {g2['blocks_offloaded']} offloaded, "
+        f"hit rate {g2['hit_rate']:.2f}, p50 transfer {g2['latency_p50_s'] * 1000:.1f} ms"
+    )
     g3s = g3_stats["tiers"]["g3"]
     print(f"G3 run, G2: {g3_stats['tiers']['g2']['blocks_onboarded']} blocks onboarded")
-    print(f"G3: {g3s['blocks_onboarded']} blocks onboarded, {g3s['blocks_offloaded']} offloaded, "
-          f"{g3s['checksum_mismatches']} checksum mismatches, {g3s['io_errors']} I/O errors")
+    print(
+        f"G3: {g3s['blocks_onboarded']} blocks onboarded, {g3s['blocks_offloaded']} offloaded, "
+        f"{g3s['checksum_mismatches']} checksum mismatches, {g3s['io_errors']} I/O errors"
+    )
 
 
 if __name__ == "__main__":

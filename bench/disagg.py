@@ -48,15 +48,30 @@ class Scale:
     budget_s: float  # per setup: no new request after this, so one stalled setup cannot hold up the suite
 
 
-FULL = Scale(requests=24, long_prompt=3000, short_gen=32, short_prompt=256, long_gen=256,
-             concurrency=4, max_model_len=4096, budget_s=900.0)
-QUICK = Scale(requests=6, long_prompt=768, short_gen=8, short_prompt=64, long_gen=32,
-              concurrency=2, max_model_len=2048, budget_s=300.0)
+FULL = Scale(
+    requests=24,
+    long_prompt=3000,
+    short_gen=32,
+    short_prompt=256,
+    long_gen=256,
+    concurrency=4,
+    max_model_len=4096,
+    budget_s=900.0,
+)
+QUICK = Scale(
+    requests=6,
+    long_prompt=768,
+    short_gen=8,
+    short_prompt=64,
+    long_gen=32,
+    concurrency=2,
+    max_model_len=2048,
+    budget_s=300.0,
+)
 
 SETUPS = {
     "aggregated": Setup("vLLM aggregated", Connector.NONE),
-    "kvbm": Setup("kvbm 1P+1D", Connector.KVBM, disaggregated=True,
-                  extra_config={"g2_capacity_bytes": "512MiB"}),
+    "kvbm": Setup("kvbm 1P+1D", Connector.KVBM, disaggregated=True, extra_config={"g2_capacity_bytes": "512MiB"}),
     "nixl": Setup("NixlConnector 1P+1D", Connector.NIXL, disaggregated=True),
 }
 
@@ -66,8 +81,9 @@ def engine_settings(context: Context, scale: Scale) -> EngineSettings:
 
 
 def workload(context: Context, scale: Scale) -> Workload:
-    return mixed(SEED, context.vocab, scale.requests, scale.long_prompt, scale.short_gen,
-                 scale.short_prompt, scale.long_gen)
+    return mixed(
+        SEED, context.vocab, scale.requests, scale.long_prompt, scale.short_gen, scale.short_prompt, scale.long_gen
+    )
 
 
 def run_setup(setup: Setup, context: Context, scale: Scale) -> dict:
@@ -78,8 +94,9 @@ def run_setup(setup: Setup, context: Context, scale: Scale) -> dict:
         measured = measure(setup, engine, context, [(load, scale.concurrency)], scale.budget_s)[load.name]
     except (RuntimeError, OSError, httpx.HTTPError) as error:
         return {"setup": setup.name, "error": f"{type(error).__name__}: {error}"}
-    moved = kv_moved(setup, measured["counters"], load, measured["load"]["requests"],
-                     context.block_bytes(engine), engine.block_size)
+    moved = kv_moved(
+        setup, measured["counters"], load, measured["load"]["requests"], context.block_bytes(engine), engine.block_size
+    )
     row = {"setup": setup.name, **measured["load"], **moved}
     row["notes"] = notes(setup, measured["counters"], measured["load"], scale.budget_s, context.cuda_devices)
     row["counters"] = measured["counters"]
@@ -91,15 +108,19 @@ def kv_moved(setup: Setup, counters: dict, load: Workload, n: int, block_bytes: 
     figure comes from."""
     estimate = sum(-(-len(r.prompt) // block_size) for r in load.requests) * block_bytes / len(load.requests)
     if setup.connector is Connector.KVBM:
-        return {"kv_bytes_per_request": counters["decode"].get("kvbm.remote.pulls.bytes_pulled", 0) / n,
-                "kv_bytes_source": "measured (decode remote.pulls.bytes_pulled)"}
+        return {
+            "kv_bytes_per_request": counters["decode"].get("kvbm.remote.pulls.bytes_pulled", 0) / n,
+            "kv_bytes_source": "measured (decode remote.pulls.bytes_pulled)",
+        }
     if setup.connector is Connector.NIXL:
         measured = counters["decode"]["vllm:nixl_bytes_transferred_sum"]
         if measured > 0:
-            return {"kv_bytes_per_request": measured / n, "kv_bytes_estimate": estimate,
-                    "kv_bytes_source": "measured (decode vllm:nixl_bytes_transferred)"}
-        return {"kv_bytes_per_request": estimate,
-                "kv_bytes_source": "estimate (prompt blocks x block bytes)"}
+            return {
+                "kv_bytes_per_request": measured / n,
+                "kv_bytes_estimate": estimate,
+                "kv_bytes_source": "measured (decode vllm:nixl_bytes_transferred)",
+            }
+        return {"kv_bytes_per_request": estimate, "kv_bytes_source": "estimate (prompt blocks x block bytes)"}
     return {"kv_bytes_per_request": 0.0, "kv_bytes_source": "none (one server)"}
 
 
@@ -112,8 +133,11 @@ def notes(setup: Setup, counters: dict, load: dict, budget_s: float, cuda_device
     if load["skipped"]:
         out.append(f"stopped at the {budget_s:.0f} s budget: {requests} of {requests + load['skipped']} requests ran")
     if setup.connector is Connector.NIXL:
-        out.append("NIXL progress thread on (vLLM's default)" if cuda_devices else
-                   "NIXL progress thread on (it hung the prefill when off), one UCX worker")
+        out.append(
+            "NIXL progress thread on (vLLM's default)"
+            if cuda_devices
+            else "NIXL progress thread on (it hung the prefill when off), one UCX worker"
+        )
     if setup.disaggregated:
         handed_off = counters["router"]["disaggregated"]
         if handed_off < requests:
@@ -125,16 +149,35 @@ def notes(setup: Setup, counters: dict, load: dict, budget_s: float, cuda_device
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["setup", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "output tok/s",
-               "KV MB/request", "KV bytes from", "notes"]
+    headers = [
+        "setup",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "output tok/s",
+        "KV MB/request",
+        "KV bytes from",
+        "notes",
+    ]
     body = []
     for row in rows:
         if "error" in row:
             body.append([row["setup"], *["-"] * 7, row["error"].splitlines()[0]])
             continue
-        body.append([row["setup"], row["ttft_p50_ms"], row["ttft_p99_ms"], row["itl_p50_ms"], row["itl_p99_ms"],
-                     row["output_tok_s"], row["kv_bytes_per_request"] / 1e6, row["kv_bytes_source"],
-                     row["notes"] or "-"])
+        body.append(
+            [
+                row["setup"],
+                row["ttft_p50_ms"],
+                row["ttft_p99_ms"],
+                row["itl_p50_ms"],
+                row["itl_p99_ms"],
+                row["output_tok_s"],
+                row["kv_bytes_per_request"] / 1e6,
+                row["kv_bytes_source"],
+                row["notes"] or "-",
+            ]
+        )
     return format_table(headers, body)
 
 
@@ -148,13 +191,24 @@ def main() -> None:
     context = context_from_args(args)
     rows = [run_setup(SETUPS[name], context, scale) for name in args.only]
     load = workload(context, scale)
-    print(f"\nDisaggregated serving, {context.preset} model: {load.description}, "
-          f"{scale.concurrency} concurrent clients (server logs in {context.log_dir})")
+    print(
+        f"\nDisaggregated serving, {context.preset} model: {load.description}, "
+        f"{scale.concurrency} concurrent clients (server logs in {context.log_dir})"
+    )
     print(table(rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": describe(), "model": context.preset,
-                                     "workload": load.description, "concurrency": scale.concurrency,
-                                     "rows": rows}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": describe(),
+                "model": context.preset,
+                "workload": load.description,
+                "concurrency": scale.concurrency,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
     if any("error" in row for row in rows):
         raise SystemExit(1)

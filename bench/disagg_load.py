@@ -100,14 +100,21 @@ MAX_ITL_P99_RATIO = 1.0
 MAX_TTFT_P99_RATIO = 1.2
 
 # Figures of a row: (key, column, higher is better).
-FIGURES = (("output_tok_s", "tok/s", True), ("ttft_p50_ms", "TTFT p50 ms", False),
-           ("ttft_p99_ms", "TTFT p99 ms", False), ("itl_p50_ms", "ITL p50 ms", False),
-           ("itl_p99_ms", "ITL p99 ms", False))
+FIGURES = (
+    ("output_tok_s", "tok/s", True),
+    ("ttft_p50_ms", "TTFT p50 ms", False),
+    ("ttft_p99_ms", "TTFT p99 ms", False),
+    ("itl_p50_ms", "ITL p50 ms", False),
+    ("itl_p99_ms", "ITL p99 ms", False),
+)
 
 # vLLM counters read beside bench.scrape's: NixlConnector's failures (decode side) and
 # leases that expired unread (prefill side), and preemptions (a G1 too small for the load).
-VLLM_EXTRA = ("vllm:nixl_num_failed_transfers_total", "vllm:nixl_num_kv_expired_reqs_total",
-              "vllm:num_preemptions_total")
+VLLM_EXTRA = (
+    "vllm:nixl_num_failed_transfers_total",
+    "vllm:nixl_num_kv_expired_reqs_total",
+    "vllm:num_preemptions_total",
+)
 
 VLLM, KVBM_AGG, KVBM_1P1D, NIXL_1P1D = "vllm", "kvbm-agg", "kvbm-1p1d", "nixl-1p1d"
 
@@ -162,10 +169,17 @@ def launch(spec: SetupSpec, context: Context, engine: EngineSettings, log_dir: P
 
     assert spec.serve is not None  # a setup is a Stack or serve workers
     prefill, decode = spec.serve
-    options = ServeOptions(engine=engine, log_dir=log_dir, prefill=prefill, decode=decode,
-                           start_timeout_s=START_TIMEOUT_S, kvbm=KVBM_FIELDS,
-                           router=RouterConfig(model_name=context.preset, request_timeout_s=REQUEST_TIMEOUT_S,
-                                               health_interval_s=HEALTH_INTERVAL_S))
+    options = ServeOptions(
+        engine=engine,
+        log_dir=log_dir,
+        prefill=prefill,
+        decode=decode,
+        start_timeout_s=START_TIMEOUT_S,
+        kvbm=KVBM_FIELDS,
+        router=RouterConfig(
+            model_name=context.preset, request_timeout_s=REQUEST_TIMEOUT_S, health_interval_s=HEALTH_INTERVAL_S
+        ),
+    )
     spawn = multiprocessing.get_context("spawn")
     ours, theirs = spawn.Pipe()
     process = spawn.Process(target=serve_in_child, args=(options, theirs), name="kvbm-serve")
@@ -220,16 +234,18 @@ def serve_in_child(options, connection) -> None:
         stack.stop()
 
 
-def replay(url: str, model: str, workload: Workload, streams: int,
-           budget_s: float | None) -> tuple[LoadResult, list[str]]:
+def replay(
+    url: str, model: str, workload: Workload, streams: int, budget_s: float | None
+) -> tuple[LoadResult, list[str]]:
     """Every request of ``workload``, ``streams`` at a time, and the errors of those that
     failed (a failed request is counted and the load goes on: one error must not hide how
     the rest fared). No request starts after ``budget_s``."""
     return asyncio.run(_replay(url, model, workload, streams, budget_s))
 
 
-async def _replay(url: str, model: str, workload: Workload, streams: int,
-                  budget_s: float | None) -> tuple[LoadResult, list[str]]:
+async def _replay(
+    url: str, model: str, workload: Workload, streams: int, budget_s: float | None
+) -> tuple[LoadResult, list[str]]:
     slots = asyncio.Semaphore(streams)
     timings: list[RequestTiming] = []
     errors: list[str] = []
@@ -266,8 +282,10 @@ def snapshot(running: Running) -> dict[str, dict[str, float]]:
         for name, value in values.items():
             merged[name] = merged.get(name, 0) + value
     router = httpx.get(running.url + "/stats", timeout=30).json()
-    out["router"] = {name: router.get(name, 0) for name in
-                     ("requests", "succeeded", "disaggregated", "prefill_failures", "transfer_failures", "retries")}
+    out["router"] = {
+        name: router.get(name, 0)
+        for name in ("requests", "succeeded", "disaggregated", "prefill_failures", "transfer_failures", "retries")
+    }
     out["router"].update({f"errors.{kind}": n for kind, n in router.get("errors", {}).items()})
     return out
 
@@ -293,8 +311,7 @@ def kvbm_counters(stats_url: str) -> dict[str, float]:
     return values
 
 
-def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, budget_s: float,
-              rounds: int = 1) -> dict:
+def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, budget_s: float, rounds: int = 1) -> dict:
     """One row: figures and counter differences, or the setup's error. The load runs
     ``rounds`` times on the same servers, each round over documents of its own (so each starts
     cold, as the first did); the figures pool every round's requests, and ``round_tok_s``
@@ -313,8 +330,9 @@ def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, bu
             started = time.perf_counter()
             for number in range(rounds):
                 left_s = budget_s - (time.perf_counter() - started)
-                result, round_errors = replay(running.url, context.preset, workload(context.vocab, requests, number),
-                                              streams, max(left_s, 0.0))
+                result, round_errors = replay(
+                    running.url, context.preset, workload(context.vocab, requests, number), streams, max(left_s, 0.0)
+                )
                 results.append(result)
                 errors += round_errors
             time.sleep(METRICS_SETTLE_S)
@@ -325,12 +343,18 @@ def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, bu
     result = pooled(results)
     sent = len(result.timings) + len(errors)
     row.update(result.summary() if result.timings else {"requests": 0, "skipped": result.skipped})
-    row.update({"workload": f"{workload(context.vocab, requests).description}, {streams} at a time, "
-                            f"{rounds} round{'s' if rounds > 1 else ''}",
-                "rounds": rounds, "sent": sent,
-                "round_tok_s": [round(r.summary()["output_tok_s"], 1) for r in results if r.timings],
-                "request_errors": len(errors), "error_samples": errors[:3],
-                "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)]})
+    row.update(
+        {
+            "workload": f"{workload(context.vocab, requests).description}, {streams} at a time, "
+            f"{rounds} round{'s' if rounds > 1 else ''}",
+            "rounds": rounds,
+            "sent": sent,
+            "round_tok_s": [round(r.summary()["output_tok_s"], 1) for r in results if r.timings],
+            "request_errors": len(errors),
+            "error_samples": errors[:3],
+            "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        }
+    )
     row.update(handoff_figures(spec, counters, sent))
     row["notes"] = notes(spec, row, counters, budget_s, context.cuda_devices)
     row["counters"] = counters
@@ -339,8 +363,13 @@ def run_setup(spec: SetupSpec, context: Context, streams: int, requests: int, bu
 
 def pooled(results: Sequence[LoadResult]) -> LoadResult:
     """Every round's requests as one load: throughput over the rounds' summed wall time."""
-    return LoadResult(results[0].workload, results[0].concurrency, sum(r.wall_s for r in results),
-                      tuple(t for r in results for t in r.timings), sum(r.skipped for r in results))
+    return LoadResult(
+        results[0].workload,
+        results[0].concurrency,
+        sum(r.wall_s for r in results),
+        tuple(t for r in results for t in r.timings),
+        sum(r.skipped for r in results),
+    )
 
 
 def workload(vocab: int, requests: int, number: int = 0) -> Workload:
@@ -363,10 +392,17 @@ def handoff_figures(spec: SetupSpec, counters: dict, sent: int) -> dict:
     if spec.disaggregated:
         out["not_handed_off"] = max(0, sent - int(counters["router"].get("disaggregated", 0)))
     if spec.key == KVBM_1P1D:
-        out.update({"failed_pulls": decode.get("kvbm.remote.pulls.jobs_failed", 0),
-                    "failed_pull_blocks": decode.get("kvbm.remote.pulls.blocks_failed", 0),
-                    "failure_kinds": {k.rsplit(".", 1)[1]: v for k, v in decode.items()
-                                      if k.startswith("kvbm.remote.pulls.failures.") and v}})
+        out.update(
+            {
+                "failed_pulls": decode.get("kvbm.remote.pulls.jobs_failed", 0),
+                "failed_pull_blocks": decode.get("kvbm.remote.pulls.blocks_failed", 0),
+                "failure_kinds": {
+                    k.rsplit(".", 1)[1]: v
+                    for k, v in decode.items()
+                    if k.startswith("kvbm.remote.pulls.failures.") and v
+                },
+            }
+        )
     if spec.key in (KVBM_1P1D, KVBM_AGG):
         # Engine blocks vLLM was told to recompute: failed pulls and failed G2/G3 loads.
         role = "decode" if spec.disaggregated else "aggregated"
@@ -380,15 +416,15 @@ def counter_sources() -> dict[str, str]:
     """Where each setup's failed pulls and recomputed blocks come from (the table's footnote)."""
     return {
         "kvbm 1P+1D": "failed pulls: the decode worker's remote.pulls.jobs_failed (blocks: blocks_failed, "
-                      "kinds: remote.pulls.failures); recomputed blocks: its remote.load_error_blocks "
-                      "(engine blocks vLLM was told to recompute: failed pulls and failed G2/G3 loads)",
+        "kinds: remote.pulls.failures); recomputed blocks: its remote.load_error_blocks "
+        "(engine blocks vLLM was told to recompute: failed pulls and failed G2/G3 loads)",
         "kvbm aggregated x2": "no pulls; recomputed blocks: the workers' remote.load_error_blocks (failed G2/G3 loads)",
         "NixlConnector 1P+1D": "failed pulls: the decode server's vllm:nixl_num_failed_transfers (requests, "
-                               "handshake and notification failures included); recomputed blocks: n/a "
-                               "(vLLM counts no blocks recomputed after a failed load)",
+        "handshake and notification failures included); recomputed blocks: n/a "
+        "(vLLM counts no blocks recomputed after a failed load)",
         "vLLM alone": "one server: no pulls, nothing recomputed after a handoff",
         "all disaggregated rows": "requests the router did not hand off (ran on the decode worker whole) are "
-                                  "in the notes and fail the clean-run goal",
+        "in the notes and fail the clean-run goal",
     }
 
 
@@ -524,22 +560,52 @@ def _count(row: dict, key: str) -> str:
 def table(rows: Sequence[dict]) -> str:
     """The Markdown table: one row per setup, model and stream count; every figure as
     ``absolute (x kvbm aggregated / x vLLM alone)``."""
-    headers = ["model", "streams", "setup", *(column for _, column, _ in FIGURES),
-               "failed pulls", "recomputed blocks", "errors", "goals", "notes"]
+    headers = [
+        "model",
+        "streams",
+        "setup",
+        *(column for _, column, _ in FIGURES),
+        "failed pulls",
+        "recomputed blocks",
+        "errors",
+        "goals",
+        "notes",
+    ]
     body = []
     for group in groups(rows).values():
         verdicts = judge(group)
         for key, row in group.items():
             goals = " ".join(f"{g.mark} {g.label}" for g in verdicts[key])
             if "error" in row:
-                body.append([row["model"], row["streams"], row["name"], *["-"] * (len(FIGURES) + 3), goals,
-                             row["error"].splitlines()[0][:200]])
+                body.append(
+                    [
+                        row["model"],
+                        row["streams"],
+                        row["name"],
+                        *["-"] * (len(FIGURES) + 3),
+                        goals,
+                        row["error"].splitlines()[0][:200],
+                    ]
+                )
                 continue
-            cells = [f"{_num(figure(row, k))} ({_num(ratio(row, group.get(KVBM_AGG), k))} / "
-                     f"{_num(ratio(row, group.get(VLLM), k))})" for k, _, _ in FIGURES]
-            body.append([row["model"], row["streams"], row["name"], *cells, _count(row, "failed_pulls"),
-                         _count(row, "recomputed_blocks"), row.get("request_errors", 0), goals,
-                         row.get("notes") or "-"])
+            cells = [
+                f"{_num(figure(row, k))} ({_num(ratio(row, group.get(KVBM_AGG), k))} / "
+                f"{_num(ratio(row, group.get(VLLM), k))})"
+                for k, _, _ in FIGURES
+            ]
+            body.append(
+                [
+                    row["model"],
+                    row["streams"],
+                    row["name"],
+                    *cells,
+                    _count(row, "failed_pulls"),
+                    _count(row, "recomputed_blocks"),
+                    row.get("request_errors", 0),
+                    goals,
+                    row.get("notes") or "-",
+                ]
+            )
     return format_table(headers, body)
 
 
@@ -548,8 +614,11 @@ def missed(rows: Sequence[dict]) -> list[str]:
     out = []
     for (model, streams), group in groups(rows).items():
         for key, goals in judge(group).items():
-            out += [f"{group[key]['name']}, {model}, {streams} streams: {g.mark} {g.label}: {g.detail}"
-                    for g in goals if not g.met]
+            out += [
+                f"{group[key]['name']}, {model}, {streams} streams: {g.mark} {g.label}: {g.detail}"
+                for g in goals
+                if not g.met
+            ]
     return out
 
 
@@ -559,19 +628,32 @@ def missed(rows: Sequence[dict]) -> list[str]:
 def markdown(results: dict) -> str:
     rows = results["rows"]
     lines = [
-        "# Disaggregated serving under load", "",
+        "# Disaggregated serving under load",
+        "",
         f"`{results['command']}`{' (smoke run: not for comparison)' if results['quick'] else ''}, "
-        f"{results['started']} - {results.get('finished', 'running')}.", "",
-        f"Machine: {summary(results['machine'])}; load average at start {results['machine']['load_average']}.", "",
-        "Load per model and stream count, after " f"{WARMUP} warm-up requests:", "",
-        *[f"- {name}: {description}" for name, description in results["workloads"].items()], "",
-        "Each figure: absolute (x kvbm aggregated on the same cores / x vLLM alone, same model and streams).", "",
-        table(rows), "",
+        f"{results['started']} - {results.get('finished', 'running')}.",
+        "",
+        f"Machine: {summary(results['machine'])}; load average at start {results['machine']['load_average']}.",
+        "",
+        f"Load per model and stream count, after {WARMUP} warm-up requests:",
+        "",
+        *[f"- {name}: {description}" for name, description in results["workloads"].items()],
+        "",
+        "Each figure: absolute (x kvbm aggregated on the same cores / x vLLM alone, same model and streams).",
+        "",
+        table(rows),
+        "",
     ]
     if misses := missed(rows):
         lines += ["Goals missed or not judged:", "", *[f"- {m}" for m in misses], ""]
-    lines += ["Counters:", "", *[f"- {who}: {what}" for who, what in counter_sources().items()], "",
-              "![disaggregated serving under load](disagg_load.png)", ""]
+    lines += [
+        "Counters:",
+        "",
+        *[f"- {who}: {what}" for who, what in counter_sources().items()],
+        "",
+        "![disaggregated serving under load](disagg_load.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -584,9 +666,11 @@ def plot(rows: Sequence[dict], path: Path, subtitle: str) -> bool:
     panels = []
     for (model, streams), group in groups(rows).items():
         aggregated = group.get(KVBM_AGG)
-        lines = {"output_tok_s": _scaled(figure(aggregated, "output_tok_s"), MIN_THROUGHPUT_RATIO),
-                 "ttft_p99_ms": _scaled(figure(aggregated, "ttft_p99_ms"), MAX_TTFT_P99_RATIO),
-                 "itl_p99_ms": _scaled(figure(aggregated, "itl_p99_ms"), MAX_ITL_P99_RATIO)}
+        lines = {
+            "output_tok_s": _scaled(figure(aggregated, "output_tok_s"), MIN_THROUGHPUT_RATIO),
+            "ttft_p99_ms": _scaled(figure(aggregated, "ttft_p99_ms"), MAX_TTFT_P99_RATIO),
+            "itl_p99_ms": _scaled(figure(aggregated, "itl_p99_ms"), MAX_ITL_P99_RATIO),
+        }
         panels.append({"title": f"{model} model, {streams} streams", "rows": list(group.values()), "lines": lines})
     plots.disagg_load(panels, path, subtitle)
     return True
@@ -629,21 +713,40 @@ def start_run(module: str, argv: Sequence[str] | None) -> tuple[Path, dict]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: tiny model, 16 streams, {QUICK_REQUESTS} requests (flags given still win)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: tiny model, 16 streams, {QUICK_REQUESTS} requests (flags given still win)",
+    )
     parser.add_argument("--models", type=_csv, help="embedded presets, comma-separated (default tiny,bench)")
-    parser.add_argument("--streams", type=lambda s: [int(x) for x in _csv(s)],
-                        help="requests in flight, comma-separated (default 16,64)")
-    parser.add_argument("--setups", type=_csv, default=list(SETUPS),
-                        help=f"comma-separated, run in this order (default {','.join(SETUPS)})")
-    parser.add_argument("--requests", type=int,
-                        help=f"measured requests per setup (default {REQUESTS_PER_STREAM} x streams)")
-    parser.add_argument("--rounds", type=int, help=f"loads per setup, each over new documents, pooled "
-                        f"(default {FULL_ROUNDS}, 1 with --quick): a noisy machine moves one short load a lot")
-    parser.add_argument("--budget-s", type=float, help=f"per setup: no request starts after it "
-                        f"(default {FULL_BUDGET_S:.0f}, {QUICK_BUDGET_S:.0f} with --quick)")
-    parser.add_argument("--out", type=Path, help="results directory (default bench/results, "
-                        "bench/results/quick with --quick)")
+    parser.add_argument(
+        "--streams",
+        type=lambda s: [int(x) for x in _csv(s)],
+        help="requests in flight, comma-separated (default 16,64)",
+    )
+    parser.add_argument(
+        "--setups",
+        type=_csv,
+        default=list(SETUPS),
+        help=f"comma-separated, run in this order (default {','.join(SETUPS)})",
+    )
+    parser.add_argument(
+        "--requests", type=int, help=f"measured requests per setup (default {REQUESTS_PER_STREAM} x streams)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"loads per setup, each over new documents, pooled "
+        f"(default {FULL_ROUNDS}, 1 with --quick): a noisy machine moves one short load a lot",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help=f"per setup: no request starts after it (default {FULL_BUDGET_S:.0f}, {QUICK_BUDGET_S:.0f} with --quick)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default bench/results, bench/results/quick with --quick)"
+    )
     parser.add_argument("--scratch-dir", type=Path, default=Path("/var/tmp"), help="parent of scratch directories")
     args = parser.parse_args(argv)
     if unknown := [s for s in args.setups if s not in SETUPS]:
@@ -666,25 +769,36 @@ def main(argv: Sequence[str] | None = None) -> None:
             requests = args.requests or (QUICK_REQUESTS if args.quick else REQUESTS_PER_STREAM * streams)
             results["workloads"][f"{model}, {streams} streams"] = (
                 f"{workload(context.vocab, requests).description}, {streams} at a time, "
-                f"{args.rounds} round{'s' if args.rounds > 1 else ''} (new documents each), pooled")
+                f"{args.rounds} round{'s' if args.rounds > 1 else ''} (new documents each), pooled"
+            )
             for key in args.setups:
-                print(f"[{_now()}] {model} model, {streams} streams: {SETUPS[key].name} ...",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{_now()}] {model} model, {streams} streams: {SETUPS[key].name} ...", file=sys.stderr, flush=True
+                )
                 results["rows"].append(run_setup(SETUPS[key], context, streams, requests, args.budget_s, args.rounds))
                 write(results, args.out)  # after every setup: a run cut short keeps its rows
     results["finished"] = _now()
-    results["goals"] = {f"{m}/{s}/{k}": [dataclasses.asdict(g) for g in goals]
-                        for (m, s), group in groups(results["rows"]).items() for k, goals in judge(group).items()}
+    results["goals"] = {
+        f"{m}/{s}/{k}": [dataclasses.asdict(g) for g in goals]
+        for (m, s), group in groups(results["rows"]).items()
+        for k, goals in judge(group).items()
+    }
     write(results, args.out)
-    drawn = plot(results["rows"], args.out / "disagg_load.png", summary(results["machine"])
-                 + f"; {DOCUMENTS} documents of {DOC_TOKENS} tokens + {QUESTION_TOKENS}-token questions, "
-                 f"{ANSWER_TOKENS} tokens out")
+    drawn = plot(
+        results["rows"],
+        args.out / "disagg_load.png",
+        summary(results["machine"])
+        + f"; {DOCUMENTS} documents of {DOC_TOKENS} tokens + {QUESTION_TOKENS}-token questions, "
+        f"{ANSWER_TOKENS} tokens out",
+    )
     print(f"\nDisaggregated serving under load (server logs in {log_dir})")
     print(table(results["rows"]))
     for line in missed(results["rows"]):
         print("  " + line)
-    print(f"wrote {args.out / 'disagg_load.md'}, disagg_load.json"
-          + (", disagg_load.png" if drawn else " (no plot: matplotlib missing; pip install -e '.[bench]')"))
+    print(
+        f"wrote {args.out / 'disagg_load.md'}, disagg_load.json"
+        + (", disagg_load.png" if drawn else " (no plot: matplotlib missing; pip install -e '.[bench]')")
+    )
     if any("error" in row for row in results["rows"]):
         raise SystemExit(1)
 

@@ -111,8 +111,10 @@ def measure(path: str, block_bytes: int, total: int, repeat: int, nixl: bool, ro
     demote.run(store_job)  # initialise the extents once, so every round overwrites
     floor = floors(path, nbytes)
     fns = {
-        "floor write": floor["write"], "G2->G3": lambda: demote.run(store_job),
-        "floor read 1": floor["read 1"], "floor read 4": floor["read 4"],
+        "floor write": floor["write"],
+        "G2->G3": lambda: demote.run(store_job),
+        "floor read 1": floor["read 1"],
+        "floor read 4": floor["read 4"],
         "G3->G2": lambda: promote.run(promote_job),
         "G3->G2 read": lambda: store.read_rows(slots, g2.rows, src),
         "G3->G1": lambda: load.run(load_job),
@@ -124,19 +126,45 @@ def measure(path: str, block_bytes: int, total: int, repeat: int, nixl: bool, ro
     floor["_close"]()
     gb = nbytes / 1e9
     rate = {k: gb / v for k, v in times.items()}
-    rows.append([
-        block_bytes >> 10, count, rate["floor write"], rate["G2->G3"], rate["G2->G3"] / rate["floor write"],
-        rate["floor read 1"], rate["floor read 4"], rate["G3->G2"], rate["G3->G2 read"], rate["G3->G1"],
-        rate["G3->G2"] / rate["floor read 4"],
-    ])
+    rows.append(
+        [
+            block_bytes >> 10,
+            count,
+            rate["floor write"],
+            rate["G2->G3"],
+            rate["G2->G3"] / rate["floor write"],
+            rate["floor read 1"],
+            rate["floor read 4"],
+            rate["G3->G2"],
+            rate["G3->G2 read"],
+            rate["G3->G1"],
+            rate["G3->G2"] / rate["floor read 4"],
+        ]
+    )
     if nixl:
         for name, params in (("nixl posix aio", {"use_aio": "true"}), ("nixl posix io_uring", {"use_uring": "true"})):
             w, r = nixl_rates(path, g2, src, block_bytes, params, repeat)
-            rows.append([block_bytes >> 10, count, name, w, w / rate["floor write"], "", "", "", r, "", r / rate["floor read 4"]])
+            rows.append(
+                [
+                    block_bytes >> 10,
+                    count,
+                    name,
+                    w,
+                    w / rate["floor write"],
+                    "",
+                    "",
+                    "",
+                    r,
+                    "",
+                    r / rate["floor read 4"],
+                ]
+            )
     store.close()
 
 
-def nixl_rates(path: str, g2: HostBuffer, src: np.ndarray, block_bytes: int, params: dict[str, str], repeat: int) -> tuple[float, float]:
+def nixl_rates(
+    path: str, g2: HostBuffer, src: np.ndarray, block_bytes: int, params: dict[str, str], repeat: int
+) -> tuple[float, float]:
     """G2 <-> slot file through NIXL's POSIX backend: (write GB/s incl. fdatasync, read GB/s)."""
     from nixl._api import nixl_agent, nixl_agent_config
 
@@ -223,8 +251,19 @@ def main() -> None:
         gc.collect()
     print_table(
         "G2 <-> G3 block moves, GB/s (scattered G2 slots, consecutive G3 slots, O_DIRECT)",
-        ["KiB", "blocks", "floor write", "G2->G3", "write/floor", "floor read 1", "floor read 4",
-         "G3->G2", "read only", "G3->G1", "G3->G2/floor 4"],
+        [
+            "KiB",
+            "blocks",
+            "floor write",
+            "G2->G3",
+            "write/floor",
+            "floor read 1",
+            "floor read 4",
+            "G3->G2",
+            "read only",
+            "G3->G1",
+            "G3->G2/floor 4",
+        ],
         rows,
     )
     index_rows: list[list[object]] = []

@@ -58,20 +58,33 @@ class Scale:
     rag: dict
 
 
-FULL = Scale(max_model_len=4096, g1_blocks=192, g2_blocks=384, g3_capacity="2GiB", concurrency=4,
-             chat=dict(conversations=8, turns=4, system=512, user=128, reply=64),
-             rag=dict(documents=16, doc_tokens=1024, questions_per_doc=2, question_tokens=64,
-                      queries=48, answer=32))
-QUICK = Scale(max_model_len=1024, g1_blocks=40, g2_blocks=64, g3_capacity="64MiB", concurrency=2,
-              chat=dict(conversations=4, turns=4, system=128, user=96, reply=16),
-              rag=dict(documents=10, doc_tokens=256, questions_per_doc=2, question_tokens=32,
-                       queries=12, answer=8))
+FULL = Scale(
+    max_model_len=4096,
+    g1_blocks=192,
+    g2_blocks=384,
+    g3_capacity="2GiB",
+    concurrency=4,
+    chat=dict(conversations=8, turns=4, system=512, user=128, reply=64),
+    rag=dict(documents=16, doc_tokens=1024, questions_per_doc=2, question_tokens=64, queries=48, answer=32),
+)
+QUICK = Scale(
+    max_model_len=1024,
+    g1_blocks=40,
+    g2_blocks=64,
+    g3_capacity="64MiB",
+    concurrency=2,
+    chat=dict(conversations=4, turns=4, system=128, user=96, reply=16),
+    rag=dict(documents=10, doc_tokens=256, questions_per_doc=2, question_tokens=32, queries=12, answer=8),
+)
 
 
 def setups(scale: Scale, block_bytes: int) -> list[Setup]:
     g2 = {"g2_capacity_blocks": scale.g2_blocks}
-    lmcache_env = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True",
-                   "LMCACHE_MAX_LOCAL_CPU_SIZE": f"{scale.g2_blocks * block_bytes / 2**30:.3f}"}
+    lmcache_env = {
+        "LMCACHE_CHUNK_SIZE": "256",
+        "LMCACHE_LOCAL_CPU": "True",
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": f"{scale.g2_blocks * block_bytes / 2**30:.3f}",
+    }
     return [
         Setup("vLLM alone", Connector.NONE),
         Setup("vLLM + ExampleConnector", Connector.EXAMPLE),
@@ -82,8 +95,9 @@ def setups(scale: Scale, block_bytes: int) -> list[Setup]:
 
 
 def engine_settings(context: Context, scale: Scale) -> EngineSettings:
-    return EngineSettings(model=context.model, max_model_len=scale.max_model_len,
-                          num_gpu_blocks_override=scale.g1_blocks)
+    return EngineSettings(
+        model=context.model, max_model_len=scale.max_model_len, num_gpu_blocks_override=scale.g1_blocks
+    )
 
 
 def workloads(context: Context, scale: Scale) -> list[Workload]:
@@ -111,9 +125,13 @@ def run_setup(setup: Setup, context: Context, scale: Scale) -> dict:
         measured = measure(setup, engine, context, [(w, scale.concurrency) for w in workloads(context, scale)])
     except (RuntimeError, OSError, httpx.HTTPError) as error:
         return {"setup": setup.name, "error": f"{type(error).__name__}: {error}"}
-    return {"setup": setup.name,
-            "workloads": {name: {**m["load"], **hit_rates(m["counters"]["aggregated"]), "counters": m["counters"]}
-                          for name, m in measured.items()}}
+    return {
+        "setup": setup.name,
+        "workloads": {
+            name: {**m["load"], **hit_rates(m["counters"]["aggregated"]), "counters": m["counters"]}
+            for name, m in measured.items()
+        },
+    }
 
 
 def hit_rates(counters: dict[str, float]) -> dict[str, float | None]:
@@ -126,14 +144,24 @@ def hit_rates(counters: dict[str, float]) -> dict[str, float | None]:
     }
     for tier in ("g2", "g3"):
         hits, misses = counters.get(f"kvbm.{tier}.hits"), counters.get(f"kvbm.{tier}.misses")
-        out[f"kvbm_{tier}_hit_rate"] = (hits / (hits + misses) if hits is not None and misses is not None
-                                        and hits + misses else None)
+        out[f"kvbm_{tier}_hit_rate"] = (
+            hits / (hits + misses) if hits is not None and misses is not None and hits + misses else None
+        )
     return out
 
 
 def table(rows: list[dict], workload: str) -> str:
-    headers = ["setup", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "output tok/s", "from G1 %",
-               "from connector %", "kvbm G2 hit %", "kvbm G3 hit %"]
+    headers = [
+        "setup",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "output tok/s",
+        "from G1 %",
+        "from connector %",
+        "kvbm G2 hit %",
+        "kvbm G3 hit %",
+    ]
     body = []
     for row in rows:
         if "workloads" not in row:
@@ -141,9 +169,19 @@ def table(rows: list[dict], workload: str) -> str:
             body.append([row["setup"], *["-"] * 7, why])
             continue
         w = row["workloads"][workload]
-        body.append([row["setup"], w["ttft_p50_ms"], w["ttft_p99_ms"], w["itl_p50_ms"], w["output_tok_s"],
-                     100 * w["g1_cached"], 100 * w["connector_cached"], _percent(w["kvbm_g2_hit_rate"]),
-                     _percent(w["kvbm_g3_hit_rate"])])
+        body.append(
+            [
+                row["setup"],
+                w["ttft_p50_ms"],
+                w["ttft_p99_ms"],
+                w["itl_p50_ms"],
+                w["output_tok_s"],
+                100 * w["g1_cached"],
+                100 * w["connector_cached"],
+                _percent(w["kvbm_g2_hit_rate"]),
+                _percent(w["kvbm_g3_hit_rate"]),
+            ]
+        )
     return format_table(headers, body)
 
 
@@ -161,14 +199,24 @@ def main() -> None:
     engine = engine_settings(context, scale)
     rows = [run_setup(s, context, scale) for s in setups(scale, context.block_bytes(engine))]
     for load in workloads(context, scale):
-        print(f"\n{load.name}, {context.preset} model, G1 {scale.g1_blocks} blocks: {load.description}, "
-              f"{scale.concurrency} concurrent clients")
+        print(
+            f"\n{load.name}, {context.preset} model, G1 {scale.g1_blocks} blocks: {load.description}, "
+            f"{scale.concurrency} concurrent clients"
+        )
         print(table(rows, load.name))
     print(f"(server logs in {context.log_dir})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": describe(), "model": context.preset, "rows": rows,
-                                     "workloads": {w.name: w.description for w in workloads(context, scale)}},
-                                    indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": describe(),
+                "model": context.preset,
+                "rows": rows,
+                "workloads": {w.name: w.description for w in workloads(context, scale)},
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
     if any("error" in row for row in rows):
         raise SystemExit(1)

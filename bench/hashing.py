@@ -84,16 +84,30 @@ def main() -> None:
         per = {k: v / n * 1e9 for k, v in times.items()}
         rows.append(
             [
-                bs, n, per["kvbm"], per["kvbm32"], per["bare"], per["vllm"],
-                per["kvbm"] / per["bare"], per["kvbm32"] / per["bare"], per["vllm"] / per["kvbm"],
+                bs,
+                n,
+                per["kvbm"],
+                per["kvbm32"],
+                per["bare"],
+                per["vllm"],
+                per["kvbm"] / per["bare"],
+                per["kvbm32"] / per["bare"],
+                per["vllm"] / per["kvbm"],
             ]
         )
     print_table(
         f"hashing a {args.tokens}-token prompt, ns per block (best of {args.repeat}"
         f"{', real vLLM functions' if args.real_vllm else ''})",
         [
-            "block", "blocks", "kvbm int64 ns", "kvbm int32 ns", "bare xxh3 ns", "vLLM ns",
-            "int64/bare", "int32/bare", "vLLM/kvbm int64",
+            "block",
+            "blocks",
+            "kvbm int64 ns",
+            "kvbm int32 ns",
+            "bare xxh3 ns",
+            "vLLM ns",
+            "int64/bare",
+            "int32/bare",
+            "vLLM/kvbm int64",
         ],
         rows,
     )

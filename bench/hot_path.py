@@ -94,10 +94,16 @@ class Row:
 SETUPS = (
     Row("vllm", "vLLM alone", Setup("vLLM alone", Connector.NONE)),
     Row("kvbm-g2", "vLLM + kvbm G2", Setup("vLLM + kvbm G2", Connector.KVBM, extra_config=G2)),
-    Row("kvbm-g2g3", "vLLM + kvbm G2+G3", Setup("vLLM + kvbm G2+G3", Connector.KVBM, extra_config=G2,
-                                                 g3_capacity="2GiB")),
-    Row("kvbm-evict", "vLLM + kvbm G2, on eviction",
-        Setup("vLLM + kvbm G2 on eviction", Connector.KVBM, extra_config={**G2, "offload_policy": "on_eviction"})),
+    Row(
+        "kvbm-g2g3",
+        "vLLM + kvbm G2+G3",
+        Setup("vLLM + kvbm G2+G3", Connector.KVBM, extra_config=G2, g3_capacity="2GiB"),
+    ),
+    Row(
+        "kvbm-evict",
+        "vLLM + kvbm G2, on eviction",
+        Setup("vLLM + kvbm G2 on eviction", Connector.KVBM, extra_config={**G2, "offload_policy": "on_eviction"}),
+    ),
     Row("router", "kvbm G2 through the router", router_of="kvbm-g2"),
 )
 BASELINE = "vllm"
@@ -124,11 +130,16 @@ def figures(results: dict[str, list[LoadResult]]) -> dict[str, dict]:
     out = {}
     for key, loads in results.items():
         summary = pooled(loads).summary()
-        per_round = [load.summary()["output_tok_s"] / ref.summary()["output_tok_s"]
-                     for load, ref in zip(loads, base) if load.timings and ref.timings]
+        per_round = [
+            load.summary()["output_tok_s"] / ref.summary()["output_tok_s"]
+            for load, ref in zip(loads, base)
+            if load.timings and ref.timings
+        ]
         out[key] = {
-            "tok_s": summary["output_tok_s"], "itl_p50_ms": summary["itl_p50_ms"],
-            "itl_p99_ms": summary["itl_p99_ms"], "requests": summary["requests"],
+            "tok_s": summary["output_tok_s"],
+            "itl_p50_ms": summary["itl_p50_ms"],
+            "itl_p99_ms": summary["itl_p99_ms"],
+            "requests": summary["requests"],
             "tok_s_ratio": summary["output_tok_s"] / base_summary["output_tok_s"],
             "itl_p50_ratio": summary["itl_p50_ms"] / base_summary["itl_p50_ms"],
             "itl_p99_ratio": summary["itl_p99_ms"] / base_summary["itl_p99_ms"],
@@ -149,8 +160,10 @@ def goals(kind: str, key: str, row: dict) -> list[tuple[str, bool]]:
         return [] if key == "router" else [(f"tok/s >{HIT_MIN_TOK_S:g}x", ratio > HIT_MIN_TOK_S)]
     if key == "router":
         return [(f"tok/s >={ROUTER_MIN_TOK_S:g}x", ratio >= ROUTER_MIN_TOK_S)]
-    return [(f"tok/s >={COLD_MIN_TOK_S:g}x", ratio >= COLD_MIN_TOK_S),
-            (f"ITL p50 <={COLD_MAX_ITL_P50:g}x", row["itl_p50_ratio"] <= COLD_MAX_ITL_P50)]
+    return [
+        (f"tok/s >={COLD_MIN_TOK_S:g}x", ratio >= COLD_MIN_TOK_S),
+        (f"ITL p50 <={COLD_MAX_ITL_P50:g}x", row["itl_p50_ratio"] <= COLD_MAX_ITL_P50),
+    ]
 
 
 def table(results: dict) -> str:
@@ -159,14 +172,27 @@ def table(results: dict) -> str:
         for key, row in group["setups"].items():
             spread = row["tok_s_ratio_spread"]
             verdicts = " ".join(("✓ " if met else "✗ ") + label for label, met in goals(group["workload"], key, row))
-            rows.append((group["model"], group["streams"], group["workload"], NAMES[key],
-                         f"{row['tok_s']:.0f} ({row['tok_s_ratio']:.3f}x"
-                         + (f"; rounds median {row['tok_s_ratio_median']:.2f}, {spread[0]:.2f}-{spread[1]:.2f}"
-                            if spread and key != BASELINE else "") + ")",
-                         f"{row['itl_p50_ms']:.1f} ({row['itl_p50_ratio']:.2f}x)",
-                         f"{row['itl_p99_ms']:.0f} ({row['itl_p99_ratio']:.2f}x)", verdicts or "-"))
-    return format_table(("model", "streams", "load", "setup", "tok/s (x vLLM alone)", "ITL p50 ms",
-                         "ITL p99 ms", "goals"), rows)
+            rows.append(
+                (
+                    group["model"],
+                    group["streams"],
+                    group["workload"],
+                    NAMES[key],
+                    f"{row['tok_s']:.0f} ({row['tok_s_ratio']:.3f}x"
+                    + (
+                        f"; rounds median {row['tok_s_ratio_median']:.2f}, {spread[0]:.2f}-{spread[1]:.2f}"
+                        if spread and key != BASELINE
+                        else ""
+                    )
+                    + ")",
+                    f"{row['itl_p50_ms']:.1f} ({row['itl_p50_ratio']:.2f}x)",
+                    f"{row['itl_p99_ms']:.0f} ({row['itl_p99_ratio']:.2f}x)",
+                    verdicts or "-",
+                )
+            )
+    return format_table(
+        ("model", "streams", "load", "setup", "tok/s (x vLLM alone)", "ITL p50 ms", "ITL p99 ms", "goals"), rows
+    )
 
 
 NAMES = {row.key: row.name for row in SETUPS}
@@ -181,8 +207,9 @@ def run_model(model: str, args: argparse.Namespace, log_dir: Path, results: dict
         started: dict[str, Stack] = {}
         for row in rows:
             if row.setup is not None:
-                stack = stacks.enter_context(Stack(row.setup, engine, model, log_dir, args.scratch_dir,
-                                                   context.cuda_devices))
+                stack = stacks.enter_context(
+                    Stack(row.setup, engine, model, log_dir, args.scratch_dir, context.cuda_devices)
+                )
                 started[row.key] = stack
                 urls[row.key] = stack.workers[0].server.url
         for row in rows:
@@ -201,17 +228,35 @@ def run_model(model: str, args: argparse.Namespace, log_dir: Path, results: dict
                     for row in rotated(measured, number):
                         time.sleep(SETTLE_S)
                         touches += 1
-                        replay(urls[row.key], model, workload("cold", context.vocab, TOUCH_REQUESTS, TOUCH_NUMBERS + touches),
-                               TOUCH_REQUESTS, None)
-                        result, failed = replay(urls[row.key], model, workload(kind, context.vocab, requests, number),
-                                                streams, None)
+                        replay(
+                            urls[row.key],
+                            model,
+                            workload("cold", context.vocab, TOUCH_REQUESTS, TOUCH_NUMBERS + touches),
+                            TOUCH_REQUESTS,
+                            None,
+                        )
+                        result, failed = replay(
+                            urls[row.key], model, workload(kind, context.vocab, requests, number), streams, None
+                        )
                         loads[row.key].append(result)
                         errors[row.key] += failed
-                    tok_s = ", ".join(f"{row.key} {loads[row.key][-1].summary()['output_tok_s']:.0f}" for row in measured)
-                    print(f"  {model}, {streams} streams, {kind}: round {number + 1} of {args.rounds} done "
-                          f"(tok/s: {tok_s})", file=sys.stderr, flush=True)
-                group = {"model": model, "streams": streams, "workload": kind, "requests": requests,
-                         "setups": figures(loads), "errors": {k: v[:3] for k, v in errors.items() if v}}
+                    tok_s = ", ".join(
+                        f"{row.key} {loads[row.key][-1].summary()['output_tok_s']:.0f}" for row in measured
+                    )
+                    print(
+                        f"  {model}, {streams} streams, {kind}: round {number + 1} of {args.rounds} done "
+                        f"(tok/s: {tok_s})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                group = {
+                    "model": model,
+                    "streams": streams,
+                    "workload": kind,
+                    "requests": requests,
+                    "setups": figures(loads),
+                    "errors": {k: v[:3] for k, v in errors.items() if v},
+                }
                 results["groups"].append(group)
                 write(results, args.out)
 
@@ -221,27 +266,39 @@ def write(results: dict, out: Path) -> None:
     (out / "hot_path.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (out / "hot_path.md").write_text(
         f"# The connector's hot path\n\n`{results['command']}`, {results['started']}.\n\n"
-        f"Machine: {summary(results['machine'])}\n\n{COLD_AND_HIT}\n\n{table(results)}\n")
+        f"Machine: {summary(results['machine'])}\n\n{COLD_AND_HIT}\n\n{table(results)}\n"
+    )
 
 
-COLD_AND_HIT = (f"`cold`: every prompt a {COLD_DOC_TOKENS}-token document of its own plus a {QUESTION_TOKENS}-token "
-                f"question (nothing to hit); `hit`: {HIT_DOCUMENTS} documents of {HIT_DOC_TOKENS} tokens in turn, "
-                f"G1 capped at {G1_BLOCKS} blocks so each comes back after G1 evicted it. {ANSWER_TOKENS} tokens out; "
-                f"setups interleaved round by round; ratios to vLLM alone, spread = per-round min-max.")
+COLD_AND_HIT = (
+    f"`cold`: every prompt a {COLD_DOC_TOKENS}-token document of its own plus a {QUESTION_TOKENS}-token "
+    f"question (nothing to hit); `hit`: {HIT_DOCUMENTS} documents of {HIT_DOC_TOKENS} tokens in turn, "
+    f"G1 capped at {G1_BLOCKS} blocks so each comes back after G1 evicted it. {ANSWER_TOKENS} tokens out; "
+    f"setups interleaved round by round; ratios to vLLM alone, spread = per-round min-max."
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 streams, one round")
-    parser.add_argument("--models", type=lambda s: [m for m in s.split(",") if m],
-                        help="embedded presets (default tiny,bench)")
-    parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",") if x],
-                        help="requests in flight, comma-separated (default 1,16,64)")
+    parser.add_argument(
+        "--models", type=lambda s: [m for m in s.split(",") if m], help="embedded presets (default tiny,bench)"
+    )
+    parser.add_argument(
+        "--streams",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="requests in flight, comma-separated (default 1,16,64)",
+    )
     parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {DEFAULT_ROUNDS}, 1 with --quick)")
-    parser.add_argument("--setups", type=lambda s: [k for k in s.split(",") if k],
-                        help=f"a subset of {','.join(NAMES)} (default all)")
-    parser.add_argument("--loads", type=lambda s: [k for k in s.split(",") if k], default=["cold", "hit"],
-                        help="cold, hit or both (default cold,hit)")
+    parser.add_argument(
+        "--setups", type=lambda s: [k for k in s.split(",") if k], help=f"a subset of {','.join(NAMES)} (default all)"
+    )
+    parser.add_argument(
+        "--loads",
+        type=lambda s: [k for k in s.split(",") if k],
+        default=["cold", "hit"],
+        help="cold, hit or both (default cold,hit)",
+    )
     parser.add_argument("--out", type=Path, help="results directory (default bench/results)")
     parser.add_argument("--scratch-dir", type=Path, default=Path("/var/tmp"))
     args = parser.parse_args(argv)

@@ -65,8 +65,9 @@ class LoadResult:
         }
 
 
-def run_load(url: str, model: str, workload: Workload, concurrency: int, timeout_s: float,
-             budget_s: float | None = None) -> LoadResult:
+def run_load(
+    url: str, model: str, workload: Workload, concurrency: int, timeout_s: float, budget_s: float | None = None
+) -> LoadResult:
     """Runs every session of ``workload`` against ``url`` (``/v1/completions``); ``timeout_s``
     bounds each request's wait for its next bytes. Once ``budget_s`` has passed no new request
     starts (those in flight finish); the result counts the ones skipped.
@@ -77,8 +78,9 @@ def run_load(url: str, model: str, workload: Workload, concurrency: int, timeout
     return asyncio.run(_run(url, model, workload, concurrency, timeout_s, budget_s))
 
 
-async def _run(url: str, model: str, workload: Workload, concurrency: int, timeout_s: float,
-               budget_s: float | None) -> LoadResult:
+async def _run(
+    url: str, model: str, workload: Workload, concurrency: int, timeout_s: float, budget_s: float | None
+) -> LoadResult:
     slots = asyncio.Semaphore(concurrency)
     skipped = 0
     # The router's transport: httpcore's own pool costs the load generator a core at 64 streams
@@ -104,8 +106,15 @@ async def _run(url: str, model: str, workload: Workload, concurrency: int, timeo
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request) -> RequestTiming:
-    body = {"model": model, "prompt": list(request.prompt), "max_tokens": request.max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+    body = {
+        "model": model,
+        "prompt": list(request.prompt),
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
     first: float | None = None
     last = 0.0
     gaps: list[float] = []
@@ -114,8 +123,10 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request
     async with client.stream("POST", url + "/v1/completions", json=body) as reply:
         if reply.status_code != 200:
             text = (await reply.aread()).decode(errors="replace")
-            raise LoadError(f"{request.kind} request ({len(request.prompt)} prompt tokens) got "
-                            f"HTTP {reply.status_code}: {text[:500]}")
+            raise LoadError(
+                f"{request.kind} request ({len(request.prompt)} prompt tokens) got "
+                f"HTTP {reply.status_code}: {text[:500]}"
+            )
         async for data in aiter_data(reply):
             if data == DONE:
                 continue

@@ -40,8 +40,10 @@ def summary(machine: dict[str, Any]) -> str:
     """One line for tables and plot titles."""
     gpus = machine["gpus"]
     device = f"{len(gpus)} x {gpus[0]}, CUDA {machine['cuda']}" if gpus else "no CUDA"
-    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, {device}; "
-            f"torch {machine['torch']}, vLLM {machine['vllm']}")
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, {device}; "
+        f"torch {machine['torch']}, vLLM {machine['vllm']}"
+    )
 
 
 def _cpu_model() -> str:

@@ -68,8 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser, json_default: Path) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, small workloads")
     parser.add_argument("--model", choices=sorted(PRESETS), help="embedded preset (default: bench; tiny with --quick)")
     parser.add_argument("--json", type=Path, default=json_default)
-    parser.add_argument("--scratch-dir", type=Path, default=Path("/var/tmp"),
-                        help="parent of the G3 and shared-storage directories (on the disk to measure)")
+    parser.add_argument(
+        "--scratch-dir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="parent of the G3 and shared-storage directories (on the disk to measure)",
+    )
 
 
 def context_from_args(args: argparse.Namespace) -> Context:
@@ -78,8 +82,13 @@ def context_from_args(args: argparse.Namespace) -> Context:
     return make_context(args.model or ("tiny" if args.quick else "bench"), log_dir, args.scratch_dir, cuda_devices())
 
 
-def measure(setup: Setup, engine: EngineSettings, context: Context,
-            workloads: list[tuple[Workload, int]], budget_s: float | None = None) -> dict[str, dict]:
+def measure(
+    setup: Setup,
+    engine: EngineSettings,
+    context: Context,
+    workloads: list[tuple[Workload, int]],
+    budget_s: float | None = None,
+) -> dict[str, dict]:
     """Each workload's load summary and counter differences (per server role and the router),
     keyed by workload name; the workloads run one after the other on the same servers, each
     for at most ``budget_s`` (see :func:`~bench.load.run_load`).

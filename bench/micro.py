@@ -45,23 +45,63 @@ class Micro:
 
 
 MICROS = (
-    Micro("hashing", "bench.hashing", (), ("--tokens", "4096", "--repeat", "3"),
-          ("block",), ("int64/bare", "int32/bare"), 1.5),
-    Micro("G1 <-> G2", "bench.transfer", (), ("--sizes-kib", "64", "--counts", "256"),
-          ("KiB", "blocks", "layers"), ("offload/floor", "onboard/floor"), 0.8),
-    Micro("G2 <-> G3", "bench.disk", ("--dir", "{scratch}/kvbm-bench-g3"),
-          ("--dir", "{scratch}/kvbm-bench-g3", "--sizes-kib", "64", "--mib", "32", "--repeat", "1",
-           "--index-entries", "4096"),
-          ("KiB", "blocks"), ("write/floor", "G3->G2/floor 4"), 0.8),
-    Micro("remote pull", "bench.remote_pull", (), ("--shapes", "64x64K", "--repeat", "2", "--rounds", "20"),
-          ("blocks", "ids", "path"), ("x memcpy",), 0.75, skip_rows=("memcpy", "scattered copy", "h2d copy")),
-    Micro("bookkeeping", "bench.bookkeeping", (), ("--slots", "4096", "--repeat", "1"),
-          ("operation",), ("ratio",)),
+    Micro(
+        "hashing",
+        "bench.hashing",
+        (),
+        ("--tokens", "4096", "--repeat", "3"),
+        ("block",),
+        ("int64/bare", "int32/bare"),
+        1.5,
+    ),
+    Micro(
+        "G1 <-> G2",
+        "bench.transfer",
+        (),
+        ("--sizes-kib", "64", "--counts", "256"),
+        ("KiB", "blocks", "layers"),
+        ("offload/floor", "onboard/floor"),
+        0.8,
+    ),
+    Micro(
+        "G2 <-> G3",
+        "bench.disk",
+        ("--dir", "{scratch}/kvbm-bench-g3"),
+        (
+            "--dir",
+            "{scratch}/kvbm-bench-g3",
+            "--sizes-kib",
+            "64",
+            "--mib",
+            "32",
+            "--repeat",
+            "1",
+            "--index-entries",
+            "4096",
+        ),
+        ("KiB", "blocks"),
+        ("write/floor", "G3->G2/floor 4"),
+        0.8,
+    ),
+    Micro(
+        "remote pull",
+        "bench.remote_pull",
+        (),
+        ("--shapes", "64x64K", "--repeat", "2", "--rounds", "20"),
+        ("blocks", "ids", "path"),
+        ("x memcpy",),
+        0.75,
+        skip_rows=("memcpy", "scattered copy", "h2d copy"),
+    ),
+    Micro("bookkeeping", "bench.bookkeeping", (), ("--slots", "4096", "--repeat", "1"), ("operation",), ("ratio",)),
 )
 
-CONNECTOR_TTFT = Micro("connector TTFT", "bench.connector_ttft", ("--repeats", "3"),
-                       ("--model", "tiny", "--prompt-tokens", "1024", "--repeats", "1",
-                        "--throughput-prompts", "2", "--settle", "0.2"))
+CONNECTOR_TTFT = Micro(
+    "connector TTFT",
+    "bench.connector_ttft",
+    ("--repeats", "3"),
+    ("--model", "tiny", "--prompt-tokens", "1024", "--repeats", "1", "--throughput-prompts", "2", "--settle", "0.2"),
+)
 
 
 def run(micro: Micro, quick: bool, scratch: Path) -> dict:
@@ -71,8 +111,11 @@ def run(micro: Micro, quick: bool, scratch: Path) -> dict:
     env = {**os.environ, "KVBM_BENCH_DIR": str(scratch)}
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    out: dict[str, Any] = {"command": "python -m " + " ".join([micro.module, *args]), "seconds": time.perf_counter() - start,
-           "output": "\n".join(line for line in done.stdout.splitlines() if not _LOG_LINE.match(line)).strip()}
+    out: dict[str, Any] = {
+        "command": "python -m " + " ".join([micro.module, *args]),
+        "seconds": time.perf_counter() - start,
+        "output": "\n".join(line for line in done.stdout.splitlines() if not _LOG_LINE.match(line)).strip(),
+    }
     if done.returncode != 0:
         out["error"] = f"exit {done.returncode}: " + "\n".join(done.stderr.strip().splitlines()[-15:])
         return out
@@ -114,10 +157,10 @@ def ratios(micro: Micro, table: dict) -> list[tuple[str, str, float]]:
         cells = dict(zip(headers, row))
         if cells.get("path") in micro.skip_rows:
             continue
-        label = ", ".join(cells[h] if not _is_number(cells[h]) else f"{h} {cells[h]}"
-                          for h in micro.labels if h in cells)
-        out += [(label, column, float(cells[column])) for column in micro.ratios
-                if _is_number(cells.get(column, ""))]
+        label = ", ".join(
+            cells[h] if not _is_number(cells[h]) else f"{h} {cells[h]}" for h in micro.labels if h in cells
+        )
+        out += [(label, column, float(cells[column])) for column in micro.ratios if _is_number(cells.get(column, ""))]
     return out
 
 

@@ -22,8 +22,13 @@ def micro(results: dict[str, dict], path: Path, subtitle: str) -> None:
     panels = [(name, r) for name, r in results.items() if r.get("ratios")]
     if not panels:
         return
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.2 + 0.28 * sum(len(r["ratios"]) for _, r in panels)),
-                             squeeze=False, gridspec_kw={"height_ratios": [max(2, len(r["ratios"])) for _, r in panels]})
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(9, 2.2 + 0.28 * sum(len(r["ratios"]) for _, r in panels)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [max(2, len(r["ratios"])) for _, r in panels]},
+    )
     for ax, (name, r) in zip(axes[:, 0], panels):
         labels = [f"{label} {column}" for label, column, _ in r["ratios"]]
         values = [value for _, _, value in r["ratios"]]
@@ -48,8 +53,9 @@ def e2e(rows: list[dict], workloads: list[str], path: Path, subtitle: str) -> No
     names = [r["setup"] for r in ran]
     for (ttft_ax, tput_ax), workload in zip(axes, workloads):
         figures = [r["workloads"][workload] for r in ran]
-        _grouped(ttft_ax, names, {"p50": [f["ttft_p50_ms"] for f in figures],
-                                  "p99": [f["ttft_p99_ms"] for f in figures]})
+        _grouped(
+            ttft_ax, names, {"p50": [f["ttft_p50_ms"] for f in figures], "p99": [f["ttft_p99_ms"] for f in figures]}
+        )
         ttft_ax.set_ylabel("TTFT ms")
         ttft_ax.set_title(f"{workload}: time to first token", fontsize=9)
         tput_ax.bar(range(len(names)), [f["output_tok_s"] for f in figures], color="tab:green")
@@ -98,9 +104,11 @@ def disagg_load(panels: list[dict], path: Path, subtitle: str) -> None:
         ttft_ax.set_ylabel("TTFT ms")
         _grouped(itl_ax, names, {"p50": [r["itl_p50_ms"] for r in ran], "p99": [r["itl_p99_ms"] for r in ran]})
         itl_ax.set_ylabel("inter-token latency ms")
-        for ax, key, what, label in ((tput_ax, "output_tok_s", "throughput", "goal: 0.8x kvbm aggregated"),
-                                     (ttft_ax, "ttft_p99_ms", "time to first token", "goal p99: 1.2x kvbm aggregated"),
-                                     (itl_ax, "itl_p99_ms", "inter-token latency", "goal p99: kvbm aggregated")):
+        for ax, key, what, label in (
+            (tput_ax, "output_tok_s", "throughput", "goal: 0.8x kvbm aggregated"),
+            (ttft_ax, "ttft_p99_ms", "time to first token", "goal p99: 1.2x kvbm aggregated"),
+            (itl_ax, "itl_p99_ms", "inter-token latency", "goal p99: kvbm aggregated"),
+        ):
             ax.set_title(f"{panel['title']}: {what}", fontsize=9)
             if panel["lines"].get(key) is not None:
                 ax.axhline(panel["lines"][key], color="tab:red", linestyle="--", linewidth=1, label=label)
@@ -115,6 +123,7 @@ def _grouped(ax, names: list[str], series: dict[str, list[float]]) -> None:
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
-    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(names))], names,
-                  rotation=20, ha="right", fontsize=7)
+    ax.set_xticks(
+        [x + width * (len(series) - 1) / 2 for x in range(len(names))], names, rotation=20, ha="right", fontsize=7
+    )
     ax.legend(fontsize=7)

@@ -117,8 +117,9 @@ class Reader:
         self.transport.register(engine_tier(EngineKV.from_tensors([self.g1])))
         self.transport.load_peer(metadata)
         clock = time.monotonic
-        kw: dict[str, Any] = dict(clock=clock, deadline_s=30.0, heartbeat_s=5.0, side_channel_timeout_s=5.0,
-                                  notice_interval_s=0.05)
+        kw: dict[str, Any] = dict(
+            clock=clock, deadline_s=30.0, heartbeat_s=5.0, side_channel_timeout_s=5.0, notice_interval_s=0.05
+        )
         self.fast = PullEngine(self.transport, verify=False, **kw)
         self.verified = PullEngine(self.transport, verify=True, **kw)
 

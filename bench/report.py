@@ -8,8 +8,9 @@ from bench.machine import summary
 
 def render(results: dict) -> str:
     machine = results["machine"]
-    mode = "**smoke run** (`--quick`: tiny model, small workloads; not for comparison)" \
-        if results["quick"] else "full run"
+    mode = (
+        "**smoke run** (`--quick`: tiny model, small workloads; not for comparison)" if results["quick"] else "full run"
+    )
     parts = [
         "# kvbm benchmark results",
         "",
@@ -33,8 +34,12 @@ def render(results: dict) -> str:
 
 
 def _micro(micro: dict) -> list[str]:
-    out = ["## Micro benchmarks", "",
-           "Each ratio is against a floor timed in the same run, interleaved with the candidate.", ""]
+    out = [
+        "## Micro benchmarks",
+        "",
+        "Each ratio is against a floor timed in the same run, interleaved with the candidate.",
+        "",
+    ]
     for name, result in micro.items():
         out += [f"### {name}", "", *_output(result), ""]
     return out + ["![micro benchmarks: ratios to their floors](micro.png)", ""]
@@ -48,17 +53,28 @@ def _output(result: dict) -> list[str]:
 
 
 def _e2e(part: dict) -> list[str]:
-    out = ["## End to end against peers", "",
-           f"`{part['model']}` model, one server per setup, G1 {part['g1_blocks']} blocks, "
-           f"{part['concurrency']} concurrent clients. \"from G1 %\" and \"from connector %\" are "
-           "shares of prompt tokens (vLLM's prefix-cache counters); kvbm's hit rates count block "
-           "lookups in its tier.", ""]
+    out = [
+        "## End to end against peers",
+        "",
+        f"`{part['model']}` model, one server per setup, G1 {part['g1_blocks']} blocks, "
+        f'{part["concurrency"]} concurrent clients. "from G1 %" and "from connector %" are '
+        "shares of prompt tokens (vLLM's prefix-cache counters); kvbm's hit rates count block "
+        "lookups in its tier.",
+        "",
+    ]
     for name, description in part["workloads"].items():
         out += [f"### {name}: {description}", "", e2e.table(part["rows"], name), ""]
     return out + ["![end to end](e2e.png)", ""]
 
 
 def _disagg(part: dict) -> list[str]:
-    return ["## Disaggregated serving", "",
-            f"`{part['model']}` model: {part['workload']}, {part['concurrency']} concurrent clients.", "",
-            disagg.table(part["rows"]), "", "![disaggregated serving](disagg.png)", ""]
+    return [
+        "## Disaggregated serving",
+        "",
+        f"`{part['model']}` model: {part['workload']}, {part['concurrency']} concurrent clients.",
+        "",
+        disagg.table(part["rows"]),
+        "",
+        "![disaggregated serving](disagg.png)",
+        "",
+    ]

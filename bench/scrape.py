@@ -32,10 +32,15 @@ def vllm_counters(server_url: str) -> dict[str, float]:
 
 
 # kvbm's counters the benchmarks report (tier block lookups and moves, pulls from a prefill).
-KVBM_COUNTERS = tuple(f"{tier}.{field}" for tier in ("g2", "g3")
-                      for field in ("hits", "misses", "blocks_onboarded", "blocks_offloaded")) + (
-    "remote.pulls.blocks_pulled", "remote.pulls.bytes_pulled", "remote.pulls.blocks_failed",
-    "remote.pulls.jobs_failed", "remote.load_error_blocks")
+KVBM_COUNTERS = tuple(
+    f"{tier}.{field}" for tier in ("g2", "g3") for field in ("hits", "misses", "blocks_onboarded", "blocks_offloaded")
+) + (
+    "remote.pulls.blocks_pulled",
+    "remote.pulls.bytes_pulled",
+    "remote.pulls.blocks_failed",
+    "remote.pulls.jobs_failed",
+    "remote.load_error_blocks",
+)
 
 
 def kvbm_stats(stats_url: str) -> dict[str, float]:

@@ -119,12 +119,25 @@ class RouterProcess:
 
     def __init__(self, served_name: str, workers: list[StackWorker], log: Path) -> None:
         self.url = ""
-        self._command = [sys.executable, "-m", "kvbm.serving", "router", "--model-name", served_name,
-                         "--port", "0", "--request-timeout-s", str(REQUEST_TIMEOUT_S),
-                         "--health-interval-s", str(HEALTH_INTERVAL_S)]
+        self._command = [
+            sys.executable,
+            "-m",
+            "kvbm.serving",
+            "router",
+            "--model-name",
+            served_name,
+            "--port",
+            "0",
+            "--request-timeout-s",
+            str(REQUEST_TIMEOUT_S),
+            "--health-interval-s",
+            str(HEALTH_INTERVAL_S),
+        ]
         for worker in workers:
-            self._command += ["--worker", f"{worker.role.value}={worker.server.url}"
-                              + (f",{worker.stats_url}" if worker.stats_url else "")]
+            self._command += [
+                "--worker",
+                f"{worker.role.value}={worker.server.url}" + (f",{worker.stats_url}" if worker.stats_url else ""),
+            ]
         self._log = log
         self._process: subprocess.Popen | None = None
 
@@ -136,15 +149,20 @@ class RouterProcess:
         """
         with open(self._log, "ab") as log:
             start = log.tell()
-            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
-                                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            self._process = subprocess.Popen(
+                self._command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             with open(self._log, "rb") as log:
                 log.seek(start)
                 text = log.read().decode(errors="replace")
             if found := re.search(r"^router (http://\S+) serving", text, re.MULTILINE):
-                if "\nready" in text[found.end():]:
+                if "\nready" in text[found.end() :]:
                     self.url = found.group(1)
                     return
             if self._process.poll() is not None:
@@ -176,8 +194,15 @@ class Stack:
         cuda_devices: visible CUDA devices; 0 on the CPU backend.
     """
 
-    def __init__(self, setup: Setup, engine: EngineSettings, served_name: str, log_dir: Path,
-                 scratch_dir: Path, cuda_devices: int) -> None:
+    def __init__(
+        self,
+        setup: Setup,
+        engine: EngineSettings,
+        served_name: str,
+        log_dir: Path,
+        scratch_dir: Path,
+        cuda_devices: int,
+    ) -> None:
         self.setup = setup
         self._engine = engine
         self._served_name = served_name
@@ -221,10 +246,17 @@ class Stack:
             groups = cpu_groups(count)
             cpus = groups[index % len(groups)]
         shared = {f.name: getattr(self._engine, f.name) for f in dataclasses.fields(EngineSettings)}
-        settings = SharedDeviceSettings(**{**shared, "kv_transfer_config": kv_config},
-                                        gpu_memory_utilization=utilization)
-        server = VLLMServer(settings, self._log_dir / f"{worker_id}.log", served_name=self._served_name,
-                            extra_env=env, name=f"{self.setup.name} {role.value} server", cpus=cpus)
+        settings = SharedDeviceSettings(
+            **{**shared, "kv_transfer_config": kv_config}, gpu_memory_utilization=utilization
+        )
+        server = VLLMServer(
+            settings,
+            self._log_dir / f"{worker_id}.log",
+            served_name=self._served_name,
+            extra_env=env,
+            name=f"{self.setup.name} {role.value} server",
+            cpus=cpus,
+        )
         server.spawn(START_TIMEOUT_S)
         return StackWorker(role, server, stats_url)
 
@@ -267,8 +299,11 @@ class Stack:
         """Two short requests through the router (first steps, NIXL handshakes), not measured."""
         for seed in (1, 2):
             prompt = [3 + (seed * 7919 + i * 104729) % (vocab - 3) for i in range(2 * block_size + 5)]
-            reply = httpx.post(self.url + "/v1/completions", timeout=REQUEST_TIMEOUT_S, json={
-                "model": self._served_name, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+            reply = httpx.post(
+                self.url + "/v1/completions",
+                timeout=REQUEST_TIMEOUT_S,
+                json={"model": self._served_name, "prompt": prompt, "max_tokens": 4, "temperature": 0},
+            )
             reply.raise_for_status()
 
     def counters(self) -> dict[str, dict[str, float]]:
@@ -280,8 +315,12 @@ class Stack:
                 values.update({f"kvbm.{k}": v for k, v in scrape.kvbm_stats(worker.stats_url).items()})
             out[worker.role.value] = values
         router = httpx.get(self.url + "/stats", timeout=30).json()
-        out["router"] = {"disaggregated": router["disaggregated"], "prefill_failures": router["prefill_failures"],
-                         "transfer_failures": router["transfer_failures"], "retries": router["retries"]}
+        out["router"] = {
+            "disaggregated": router["disaggregated"],
+            "prefill_failures": router["prefill_failures"],
+            "transfer_failures": router["transfer_failures"],
+            "retries": router["retries"],
+        }
         return out
 
     def stop(self) -> None:

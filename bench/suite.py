@@ -44,18 +44,25 @@ PARTS = ("micro", "ttft", "e2e", "disagg")
 def check_requirements() -> None:
     missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
     if missing:
-        raise SystemExit(f"bench.suite needs {' and '.join(missing)}: install the bench extra "
-                         f"(pip install -e '.[bench]') or pip install {' '.join(missing)}")
+        raise SystemExit(
+            f"bench.suite needs {' and '.join(missing)}: install the bench extra "
+            f"(pip install -e '.[bench]') or pip install {' '.join(missing)}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, small sizes")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--out", type=Path, help="results directory (default bench/results, or "
-                        "bench/results/quick with --quick)")
-    parser.add_argument("--scratch-dir", type=Path, default=Path("/var/tmp"),
-                        help="parent of the G3 and shared-storage directories (on the disk to measure)")
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default bench/results, or bench/results/quick with --quick)"
+    )
+    parser.add_argument(
+        "--scratch-dir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="parent of the G3 and shared-storage directories (on the disk to measure)",
+    )
     args = parser.parse_args()
     check_requirements()
     exit_on_sigterm()
@@ -75,8 +82,12 @@ Step = tuple[str, Callable[[], dict], Callable[[dict], None]]  # (name, run it, 
 def run(quick: bool, parts: list[str], scratch: Path) -> dict:
     from tqdm import tqdm  # imported here: check_requirements() explains its absence first
 
-    results: dict = {"command": "python -m bench.suite " + shlex.join(sys.argv[1:]), "quick": quick,
-                     "started": _now(), "machine": describe()}
+    results: dict = {
+        "command": "python -m bench.suite " + shlex.join(sys.argv[1:]),
+        "quick": quick,
+        "started": _now(),
+        "machine": describe(),
+    }
     with tqdm(plan(quick, parts, scratch, results), unit="step", dynamic_ncols=True) as bar:
         for name, step, store in bar:
             bar.set_description(name)
@@ -91,11 +102,18 @@ def plan(quick: bool, parts: list[str], scratch: Path, results: dict) -> list[St
     steps: list[Step] = []
     if "micro" in parts:
         micro_results = results["micro"] = {}
-        steps += [(m.name, partial(micro.run, m, quick, scratch), partial(micro_results.__setitem__, m.name))
-                  for m in micro.MICROS]
+        steps += [
+            (m.name, partial(micro.run, m, quick, scratch), partial(micro_results.__setitem__, m.name))
+            for m in micro.MICROS
+        ]
     if "ttft" in parts:
-        steps.append((micro.CONNECTOR_TTFT.name, partial(micro.run, micro.CONNECTOR_TTFT, quick, scratch),
-                      partial(results.__setitem__, "connector_ttft")))
+        steps.append(
+            (
+                micro.CONNECTOR_TTFT.name,
+                partial(micro.run, micro.CONNECTOR_TTFT, quick, scratch),
+                partial(results.__setitem__, "connector_ttft"),
+            )
+        )
     if "e2e" not in parts and "disagg" not in parts:
         return steps
     results["logs"] = tempfile.mkdtemp(prefix="kvbm-bench-logs-")
@@ -103,17 +121,30 @@ def plan(quick: bool, parts: list[str], scratch: Path, results: dict) -> list[St
     if "e2e" in parts:
         scale = e2e.QUICK if quick else e2e.FULL
         rows: list[dict] = []
-        results["e2e"] = {"model": context.preset, "g1_blocks": scale.g1_blocks, "concurrency": scale.concurrency,
-                          "workloads": {w.name: w.description for w in e2e.workloads(context, scale)}, "rows": rows}
-        steps += [(f"e2e: {s.name}", partial(e2e.run_setup, s, context, scale), rows.append)
-                  for s in e2e.setups(scale, context.block_bytes(e2e.engine_settings(context, scale)))]
+        results["e2e"] = {
+            "model": context.preset,
+            "g1_blocks": scale.g1_blocks,
+            "concurrency": scale.concurrency,
+            "workloads": {w.name: w.description for w in e2e.workloads(context, scale)},
+            "rows": rows,
+        }
+        steps += [
+            (f"e2e: {s.name}", partial(e2e.run_setup, s, context, scale), rows.append)
+            for s in e2e.setups(scale, context.block_bytes(e2e.engine_settings(context, scale)))
+        ]
     if "disagg" in parts:
         scale_d = disagg.QUICK if quick else disagg.FULL
         rows_d: list[dict] = []
-        results["disagg"] = {"model": context.preset, "workload": disagg.workload(context, scale_d).description,
-                             "concurrency": scale_d.concurrency, "rows": rows_d}
-        steps += [(f"disagg: {s.name}", partial(disagg.run_setup, s, context, scale_d), rows_d.append)
-                  for s in disagg.SETUPS.values()]
+        results["disagg"] = {
+            "model": context.preset,
+            "workload": disagg.workload(context, scale_d).description,
+            "concurrency": scale_d.concurrency,
+            "rows": rows_d,
+        }
+        steps += [
+            (f"disagg: {s.name}", partial(disagg.run_setup, s, context, scale_d), rows_d.append)
+            for s in disagg.SETUPS.values()
+        ]
     return steps
 
 

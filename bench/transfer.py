@@ -50,9 +50,17 @@ def measure(block_bytes: int, count: int, layer_counts: list[int], rows: list[li
         rate = {k: gb / v for k, v in times.items()}
         rows.append(
             [
-                block_bytes >> 10, count, n_layers,
-                gb / floor["offload"], rate["offload"], rate["offload copy"], floor["offload"] / times["offload"],
-                gb / floor["onboard"], rate["onboard"], rate["onboard+verify"], floor["onboard"] / times["onboard"],
+                block_bytes >> 10,
+                count,
+                n_layers,
+                gb / floor["offload"],
+                rate["offload"],
+                rate["offload copy"],
+                floor["offload"] / times["offload"],
+                gb / floor["onboard"],
+                rate["onboard"],
+                rate["onboard+verify"],
+                floor["onboard"] / times["onboard"],
             ]
         )
         gc.collect()
@@ -108,9 +116,17 @@ def main() -> None:
     print_table(
         "G1 <-> G2 block moves, GB/s (scattered engine ids, consecutive slots)",
         [
-            "KiB", "blocks", "layers",
-            "floor off", "offload", "copy only", "offload/floor",
-            "floor on", "onboard", "+verify", "onboard/floor",
+            "KiB",
+            "blocks",
+            "layers",
+            "floor off",
+            "offload",
+            "copy only",
+            "offload/floor",
+            "floor on",
+            "onboard",
+            "+verify",
+            "onboard/floor",
         ],
         rows,
     )

@@ -41,8 +41,9 @@ def _tokens(rng: np.random.Generator, vocab: int, count: int) -> tuple[int, ...]
     return tuple(rng.integers(FIRST_ID, vocab, count).tolist())
 
 
-def mixed(seed: int, vocab: int, count: int, long_prompt: int, short_gen: int,
-          short_prompt: int, long_gen: int) -> Workload:
+def mixed(
+    seed: int, vocab: int, count: int, long_prompt: int, short_gen: int, short_prompt: int, long_gen: int
+) -> Workload:
     """Alternating long-prompt/short-generation and short-prompt/long-generation requests,
     all unique: prefills that stall an aggregated server's decodes, decodes that run long."""
     rng = np.random.default_rng(seed)
@@ -52,13 +53,15 @@ def mixed(seed: int, vocab: int, count: int, long_prompt: int, short_gen: int,
             requests.append(Request(_tokens(rng, vocab, long_prompt), short_gen, "long prompt"))
         else:
             requests.append(Request(_tokens(rng, vocab, short_prompt), long_gen, "long generation"))
-    return Workload("mixed", f"{count} unique requests, alternating {long_prompt}-token prompt / "
-                    f"{short_gen} tokens out and {short_prompt}-token prompt / {long_gen} tokens out",
-                    tuple((r,) for r in requests))
+    return Workload(
+        "mixed",
+        f"{count} unique requests, alternating {long_prompt}-token prompt / "
+        f"{short_gen} tokens out and {short_prompt}-token prompt / {long_gen} tokens out",
+        tuple((r,) for r in requests),
+    )
 
 
-def chat(seed: int, vocab: int, conversations: int, turns: int, system: int, user: int,
-         reply: int) -> Workload:
+def chat(seed: int, vocab: int, conversations: int, turns: int, system: int, user: int, reply: int) -> Workload:
     """Multi-turn conversations sharing one system prompt: turn t's prompt is the whole
     history so far (system, then user and assistant turns) plus a new user turn.
 
@@ -74,13 +77,24 @@ def chat(seed: int, vocab: int, conversations: int, turns: int, system: int, use
             session.append(Request(history, reply, "chat"))
             history = history + _tokens(rng, vocab, reply)
         sessions.append(tuple(session))
-    return Workload("chat", f"{conversations} conversations x {turns} turns: {system}-token shared "
-                    f"system prompt, {user}-token user turns, {reply}-token replies",
-                    tuple(sessions))
+    return Workload(
+        "chat",
+        f"{conversations} conversations x {turns} turns: {system}-token shared "
+        f"system prompt, {user}-token user turns, {reply}-token replies",
+        tuple(sessions),
+    )
 
 
-def rag(seed: int, vocab: int, documents: int, doc_tokens: int, questions_per_doc: int,
-        question_tokens: int, queries: int, answer: int) -> Workload:
+def rag(
+    seed: int,
+    vocab: int,
+    documents: int,
+    doc_tokens: int,
+    questions_per_doc: int,
+    question_tokens: int,
+    queries: int,
+    answer: int,
+) -> Workload:
     """Queries over a shared set of documents: each is one document followed by one of
     that document's questions, drawn at random (so some whole prompts repeat, as popular
     questions do, and most share only the document)."""
@@ -92,21 +106,31 @@ def rag(seed: int, vocab: int, documents: int, doc_tokens: int, questions_per_do
         d = int(rng.integers(documents))
         q = int(rng.integers(questions_per_doc))
         sessions.append((Request(docs[d] + questions[d][q], answer, "rag"),))
-    return Workload("rag", f"{queries} queries over {documents} documents of {doc_tokens} tokens "
-                    f"({questions_per_doc} questions of {question_tokens} tokens each), "
-                    f"{answer} tokens out", tuple(sessions))
+    return Workload(
+        "rag",
+        f"{queries} queries over {documents} documents of {doc_tokens} tokens "
+        f"({questions_per_doc} questions of {question_tokens} tokens each), "
+        f"{answer} tokens out",
+        tuple(sessions),
+    )
 
 
-def shared_documents(seed: int, vocab: int, documents: int, doc_tokens: int, question_tokens: int,
-                     queries: int, answer: int) -> Workload:
+def shared_documents(
+    seed: int, vocab: int, documents: int, doc_tokens: int, question_tokens: int, queries: int, answer: int
+) -> Workload:
     """Queries over a few shared documents, taken in turn: query ``i`` is document
     ``i % documents`` followed by a question of its own, so every document's blocks are
     shared by ``queries / documents`` prompts and no two prompts are equal (unlike
     :func:`rag`, whose random draws repeat some whole prompts)."""
     rng = np.random.default_rng(seed)
     docs = [_tokens(rng, vocab, doc_tokens) for _ in range(documents)]
-    sessions = tuple((Request(docs[i % documents] + _tokens(rng, vocab, question_tokens), answer, "document"),)
-                     for i in range(queries))
-    return Workload("documents", f"{queries} queries over {documents} shared documents of {doc_tokens} "
-                    f"tokens, each plus a {question_tokens}-token question of its own, {answer} tokens out",
-                    sessions)
+    sessions = tuple(
+        (Request(docs[i % documents] + _tokens(rng, vocab, question_tokens), answer, "document"),)
+        for i in range(queries)
+    )
+    return Workload(
+        "documents",
+        f"{queries} queries over {documents} shared documents of {doc_tokens} "
+        f"tokens, each plus a {question_tokens}-token question of its own, {answer} tokens out",
+        sessions,
+    )

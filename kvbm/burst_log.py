@@ -73,5 +73,8 @@ class BurstLog:
             self._logger.warning("%s: %d more in the previous burst were not logged", self._what, suppressed)
         self._logger.warning(
             "%s: %s (%d blocks); further failures are counted and logged again after %.0f s without any",
-            self._what, detail, count, self._quiet_s,
+            self._what,
+            detail,
+            count,
+            self._quiet_s,
         )

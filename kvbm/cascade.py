@@ -50,6 +50,7 @@ from kvbm.stats import TierCounters
 from kvbm.tiers.disk_index import DiskIndex, DiskIndexError
 from kvbm.tiers.slot_index import SlotIndex
 
+
 class Kind(enum.Enum):
     """What a pending job does, hence how its result is applied."""
 
@@ -151,7 +152,12 @@ class G3Cascade:
         g2_slots = g2.prepare_load(res.hashes)
         sums = g2.checksums(g2_slots)
         job = TransferJob(
-            self._new_job_id(), Tier.G2, Tier.G3, g2_slots, res.slots, res.hashes,
+            self._new_job_id(),
+            Tier.G2,
+            Tier.G3,
+            g2_slots,
+            res.slots,
+            res.hashes,
             sums if self._verify_g2 else None,
         )
         self._pending[job.job_id] = Pending(Kind.DEMOTE, Tier.G3, res.hashes, sums)

@@ -151,7 +151,9 @@ class PromoteHandler(TransferHandler):
         batches: list[tuple[int, IoBatch]] = []
         try:
             for a in range(0, job.num_blocks, self._chunk):
-                batches.append((a, self._store.submit_read(src[a : a + self._chunk], self._rows, dst[a : a + self._chunk])))
+                batches.append(
+                    (a, self._store.submit_read(src[a : a + self._chunk], self._rows, dst[a : a + self._chunk]))
+                )
         except BaseException:
             _settle(b for _, b in batches)  # no read may land after the job has failed
             raise
@@ -208,8 +210,16 @@ class DiskLoadHandler(TransferHandler):
             raise
         return HandlerOutcome(corrupt=_cat(corrupt), failed=_cat(failed), reason=next(iter(reasons), None))
 
-    def _finish(self, job: TransferJob, a: int, rows: np.ndarray, batch: IoBatch,
-                failed: list[np.ndarray], corrupt: list[np.ndarray], reasons: list[str]) -> None:
+    def _finish(
+        self,
+        job: TransferJob,
+        a: int,
+        rows: np.ndarray,
+        batch: IoBatch,
+        failed: list[np.ndarray],
+        corrupt: list[np.ndarray],
+        reasons: list[str],
+    ) -> None:
         io = batch.wait()
         n = min(self._chunk, job.num_blocks - a)
         good = np.flatnonzero(_readable(io, n))

@@ -238,12 +238,8 @@ class BlockHasher:
         if not encoded:
             out = [h := xxh3_128_digest(h + data[off : off + step]) for off in range(0, n * step, step)]
         else:
-            out = [
-                h := xxh3_128_digest(h + data[i * step : (i + 1) * step] + encoded.get(i, b""))
-                for i in range(n)
-            ]
+            out = [h := xxh3_128_digest(h + data[i * step : (i + 1) * step] + encoded.get(i, b"")) for i in range(n)]
         return HashedBlocks(tuple(out), grid)  # type: ignore[arg-type]
-
 
     def hash_tail(self, tokens: np.ndarray, parent: BlockHash, extras: BlockExtras | None = None) -> BlockHash:
         """Hash of a prompt's last, possibly partial block: the 1 to ``block_size`` tokens
@@ -309,4 +305,3 @@ def _check_parent(parent: bytes) -> BlockHash:
 def _encode_str(value: str) -> bytes:
     raw = value.encode("utf-8")
     return struct.pack("<I", len(raw)) + raw
-

@@ -34,9 +34,7 @@ def host_handlers(
             is not pinned.
     """
     if g1.layout.block_bytes != g2.block_bytes:
-        raise ValueError(
-            f"G2 slots of {g2.block_bytes} bytes cannot hold G1 blocks of {g1.layout.block_bytes}"
-        )
+        raise ValueError(f"G2 slots of {g2.block_bytes} bytes cannot hold G1 blocks of {g1.layout.block_bytes}")
     if g1.is_cuda:
         if not g2.pinned:
             raise ValueError("G1 is on a GPU: G2 must be pinned (HostBuffer(..., pinned=True))")

@@ -14,9 +14,7 @@ from xxhash import xxh3_64_intdigest
 
 def checksum_rows(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
     """xxh3_64 of ``rows[i]`` for each ``i`` in ``index`` (rows: C-contiguous 2-D uint8)."""
-    return np.fromiter(
-        (xxh3_64_intdigest(rows[i]) for i in index.tolist()), dtype=np.uint64, count=len(index)
-    )
+    return np.fromiter((xxh3_64_intdigest(rows[i]) for i in index.tolist()), dtype=np.uint64, count=len(index))
 
 
 def mismatched(rows: np.ndarray, index: np.ndarray, expected: np.ndarray) -> np.ndarray:

@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BlockIds", "BlockManager", "OnboardPlan", "PrefixMatch"]
 
+
 class BlockManager:
     """Tracks blocks below the engine and plans their transfers (see the module docstring)."""
 
@@ -126,8 +127,14 @@ class BlockManager:
         if self._g3 is not None:
             self._counters[Tier.G3].dropped_on_open = self._g3.dropped_on_open
             self._cascade = G3Cascade(
-                self._g2, self._g3, config, pending=self._pending, counters=self._counters,
-                new_job_id=self._new_job_id, block_bytes=block_bytes, failures=self._failures,
+                self._g2,
+                self._g3,
+                config,
+                pending=self._pending,
+                counters=self._counters,
+                new_job_id=self._new_job_id,
+                block_bytes=block_bytes,
+                failures=self._failures,
             )
 
     @property

@@ -202,10 +202,19 @@ _METRICS = (  # (name, type, help, TierStats field)
     ("transfer_failures_total", "counter", "Transfer jobs with at least one failed block.", "transfer_failures"),
     ("token_mismatches_total", "counter", "Hash hits with other tokens (served as misses).", "token_mismatches"),
     ("checksum_mismatches_total", "counter", "Blocks that failed checksum verification.", "checksum_mismatches"),
-    ("io_errors_total", "counter", "Blocks that failed to move for another reason (disk full, EIO, lost job).", "io_errors"),
+    (
+        "io_errors_total",
+        "counter",
+        "Blocks that failed to move for another reason (disk full, EIO, lost job).",
+        "io_errors",
+    ),
     ("dropped_on_open_total", "counter", "Index records dropped at startup (damaged or foreign).", "dropped_on_open"),
-    ("dropped_after_read_errors_total", "counter", "Blocks dropped after failing to read twice in a row.",
-     "dropped_after_read_errors"),
+    (
+        "dropped_after_read_errors_total",
+        "counter",
+        "Blocks dropped after failing to read twice in a row.",
+        "dropped_after_read_errors",
+    ),
 )
 
 

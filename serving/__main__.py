@@ -27,8 +27,7 @@ import httpx
 from kvbm.serving.embedded_model import PRESETS, ensure_model
 from kvbm.serving.router import Router, RouterServer
 from kvbm.serving.router_config import RouterConfig
-from kvbm.serving.serve import (ServeOptions, ServeStack, describe, serve_until_signal,
-                                signals_interrupt)
+from kvbm.serving.serve import ServeOptions, ServeStack, describe, serve_until_signal, signals_interrupt
 from kvbm.serving.server_process import ServerStartError
 from kvbm.serving.sse import DONE, iter_data
 from kvbm.serving.vllm_settings import EngineSettings
@@ -40,12 +39,12 @@ SHARED_PREFIX = (
     "prefix share its blocks. A prefill worker computes the prompt, keeps its blocks under a "
     "lease and offloads them to host memory; the decode worker pulls the blocks it lacks over "
     "NIXL straight into its own cache, verifies their checksums and releases the lease. A block "
-    "that fails its check is never handed to the engine: it is recomputed. ")
+    "that fails its check is never handed to the engine: it is recomputed. "
+)
 DEMO_REQUESTS = (  # (prompt, stream)
-    (SHARED_PREFIX + "Question: what does the prefill worker hand to the decode worker?\nAnswer:",
-     False),
+    (SHARED_PREFIX + "Question: what does the prefill worker hand to the decode worker?\nAnswer:", False),
     (SHARED_PREFIX + "Question: what happens to a block that fails its checksum?\nAnswer:", False),
-    ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", True),
+    ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n', True),
 )
 
 
@@ -53,7 +52,8 @@ def _model_arg(value: str) -> str:
     if value in PRESETS or (Path(value) / "config.json").is_file():
         return value
     raise argparse.ArgumentTypeError(
-        f"{value!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model directory")
+        f"{value!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model directory"
+    )
 
 
 def _count(minimum: int):
@@ -61,6 +61,7 @@ def _count(minimum: int):
         if not value.isdigit() or int(value) < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
         return int(value)
+
     return parse
 
 
@@ -93,15 +94,26 @@ def _options(args: argparse.Namespace, router: dict) -> ServeOptions:
         served_name = model.name
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"kvbm-{args.command}-"))
     engine = EngineSettings(model=model, dtype=args.dtype, chat_template=args.chat_template)
-    return ServeOptions(engine=engine, router=RouterConfig(model_name=served_name, **router),
-                        log_dir=log_dir, prefill=args.prefill, decode=args.decode,
-                        kvbm=args.kvbm_config, g3_dir=args.g3_dir)
+    return ServeOptions(
+        engine=engine,
+        router=RouterConfig(model_name=served_name, **router),
+        log_dir=log_dir,
+        prefill=args.prefill,
+        decode=args.decode,
+        kvbm=args.kvbm_config,
+        g3_dir=args.g3_dir,
+    )
 
 
 def router_fields(args: argparse.Namespace) -> dict:
     """The :class:`RouterConfig` fields the serve command's flags set."""
-    return {"host": args.host, "port": args.port, "admin_token": args.admin_token,
-            "queue_size": args.queue_size, "queue_timeout_s": args.queue_timeout_s}
+    return {
+        "host": args.host,
+        "port": args.port,
+        "admin_token": args.admin_token,
+        "queue_size": args.queue_size,
+        "queue_timeout_s": args.queue_timeout_s,
+    }
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -126,17 +138,27 @@ def _worker_arg(value: str) -> tuple[WorkerRole, str, str | None]:
 def run_router(args: argparse.Namespace) -> int:
     """Serves a router over the given workers until SIGINT/SIGTERM (uvicorn's handlers)."""
     try:
-        router = Router(RouterConfig(model_name=args.model_name, request_timeout_s=args.request_timeout_s,
-                                     health_interval_s=args.health_interval_s, **router_fields(args)))
+        router = Router(
+            RouterConfig(
+                model_name=args.model_name,
+                request_timeout_s=args.request_timeout_s,
+                health_interval_s=args.health_interval_s,
+                **router_fields(args),
+            )
+        )
         for role, url, stats_url in args.worker:
             router.add_worker(role, url, stats_url)
         server = RouterServer(router)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1
-    print(f"router {server.url} serving model {args.model_name!r}; workers:",
-          *(f"  {role.value} {url}" for role, url, _ in args.worker), "ready (Ctrl-C or SIGTERM stops)",
-          sep="\n", flush=True)
+    print(
+        f"router {server.url} serving model {args.model_name!r}; workers:",
+        *(f"  {role.value} {url}" for role, url, _ in args.worker),
+        "ready (Ctrl-C or SIGTERM stops)",
+        sep="\n",
+        flush=True,
+    )
     # uvicorn handles SIGINT/SIGTERM while it serves, then raises the signal again to the
     # handler it found: this one, so the process ends with "stopped" and 0, not killed.
     for name in (signal.SIGINT, signal.SIGTERM):
@@ -146,12 +168,17 @@ def run_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _complete(client: httpx.Client, model: str, prompt: str, stream: bool,
-              max_tokens: int) -> tuple[str, float, int]:
+def _complete(client: httpx.Client, model: str, prompt: str, stream: bool, max_tokens: int) -> tuple[str, float, int]:
     """(completion, seconds to the first token, completion tokens). Without streaming the
     first token arrives with the whole reply."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     sent = time.monotonic()
     if not stream:
         reply = client.post("/v1/completions", json=body)
@@ -183,9 +210,11 @@ def _block_stats_line(worker: dict) -> str:
         return f"  {worker['id']} {worker['role']}: stats unavailable ({stats['error']})"
     g2 = stats.get("tiers", {}).get("g2", {})
     pulled = stats.get("remote", {}).get("pulls", {}).get("blocks_pulled", "n/a")
-    return (f"  {worker['id']} {worker['role']}: G2 hits {g2.get('hits', 0)} of "
-            f"{g2.get('hits', 0) + g2.get('misses', 0)} looked-up blocks, G2 holds "
-            f"{g2.get('used_blocks', 0)} blocks, remote blocks pulled {pulled}")
+    return (
+        f"  {worker['id']} {worker['role']}: G2 hits {g2.get('hits', 0)} of "
+        f"{g2.get('hits', 0) + g2.get('misses', 0)} looked-up blocks, G2 holds "
+        f"{g2.get('used_blocks', 0)} blocks, remote blocks pulled {pulled}"
+    )
 
 
 def _demo_requests(stack: ServeStack, max_tokens: int) -> dict:
@@ -209,15 +238,22 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"model: {options.engine.model}")
-    print(f"starting {options.prefill} prefill + {options.decode} "
-          f"{'decode' if options.prefill else 'aggregated'} workers and the router "
-          f"(logs: {options.log_dir}) ...", flush=True)
+    print(
+        f"starting {options.prefill} prefill + {options.decode} "
+        f"{'decode' if options.prefill else 'aggregated'} workers and the router "
+        f"(logs: {options.log_dir}) ...",
+        flush=True,
+    )
     started = time.monotonic()
     with signals_interrupt() as interrupted:
         try:
             with ServeStack(options).start(interrupted) as stack:
-                print(f"ready at {stack.url} after {time.monotonic() - started:.1f} s:",
-                      *describe(stack), sep="\n", flush=True)
+                print(
+                    f"ready at {stack.url} after {time.monotonic() - started:.1f} s:",
+                    *describe(stack),
+                    sep="\n",
+                    flush=True,
+                )
                 stats = _demo_requests(stack, args.max_tokens)
                 print("stopping ...", flush=True)
         except (ServerStartError, OSError, httpx.HTTPError, RuntimeError) as error:
@@ -228,8 +264,10 @@ def run_demo(args: argparse.Namespace) -> int:
             return 130
     print("block stats (per worker, from the router's /stats):")
     print(*(_block_stats_line(worker) for worker in stats["workers"]), sep="\n")
-    print(f"router: {stats['requests']} requests, {stats['disaggregated']} prefilled on another "
-          f"worker, TTFT p50 {stats['ttft_s']['p50'] * 1000:.0f} ms")
+    print(
+        f"router: {stats['requests']} requests, {stats['disaggregated']} prefilled on another "
+        f"worker, TTFT p50 {stats['ttft_s']['p50'] * 1000:.0f} ms"
+    )
     print("stopped")
     return 0
 
@@ -240,41 +278,61 @@ def run_model(args: argparse.Namespace) -> int:
 
 
 def _stack_flags(parser: argparse.ArgumentParser, dtype: str) -> None:
-    parser.add_argument("--model", default="tiny", type=_model_arg,
-                        help="an embedded model preset or a model directory (default: tiny)")
-    parser.add_argument("--prefill", type=_count(0), default=1,
-                        help="prefill workers; 0 serves aggregated (default: 1)")
+    parser.add_argument(
+        "--model", default="tiny", type=_model_arg, help="an embedded model preset or a model directory (default: tiny)"
+    )
+    parser.add_argument(
+        "--prefill", type=_count(0), default=1, help="prefill workers; 0 serves aggregated (default: 1)"
+    )
     parser.add_argument("--decode", type=_count(1), default=1, help="decode workers (default: 1)")
     parser.add_argument("--dtype", default=dtype, help=f"weights and KV dtype (default: {dtype})")
-    parser.add_argument("--chat-template", type=Path, default=None,
-                        help="Jinja chat template file for models without one")
+    parser.add_argument(
+        "--chat-template", type=Path, default=None, help="Jinja chat template file for models without one"
+    )
     parser.add_argument("--log-dir", default=None, help="worker logs (default: a new temp dir)")
-    parser.add_argument("--kvbm-config", type=_json_object, default={}, metavar="JSON",
-                        help="kv_connector_extra_config fields for every worker, e.g. "
-                             "'{\"g2_capacity_bytes\": \"4GiB\"}'")
-    parser.add_argument("--g3-dir", type=Path, default=None, metavar="DIR",
-                        help="a G3 disk tier per worker in DIR/<worker id> (2 GiB each unless "
-                             "--kvbm-config sets g3_capacity_bytes); a restart on DIR comes back warm")
+    parser.add_argument(
+        "--kvbm-config",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help='kv_connector_extra_config fields for every worker, e.g. \'{"g2_capacity_bytes": "4GiB"}\'',
+    )
+    parser.add_argument(
+        "--g3-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a G3 disk tier per worker in DIR/<worker id> (2 GiB each unless "
+        "--kvbm-config sets g3_capacity_bytes); a restart on DIR comes back warm",
+    )
 
 
 def _router_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="router address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="router port (default: 8000)")
-    parser.add_argument("--admin-token", default=None,
-                        help="bearer token for /admin routes (required off loopback)")
+    parser.add_argument("--admin-token", default=None, help="bearer token for /admin routes (required off loopback)")
     defaults = RouterConfig(model_name="any")  # the defaults the flags show
-    parser.add_argument("--queue-size", type=_count(0), default=defaults.queue_size,
-                        help="requests that may wait for a worker when none can take them; one "
-                             f"more gets a 503 at once; 0: no waiting (default: {defaults.queue_size})")
-    parser.add_argument("--queue-timeout-s", type=_seconds, default=defaults.queue_timeout_s,
-                        metavar="SECONDS", help="longest a request waits for a worker before its 503 "
-                                                f"(default: {defaults.queue_timeout_s:g})")
+    parser.add_argument(
+        "--queue-size",
+        type=_count(0),
+        default=defaults.queue_size,
+        help="requests that may wait for a worker when none can take them; one "
+        f"more gets a 503 at once; 0: no waiting (default: {defaults.queue_size})",
+    )
+    parser.add_argument(
+        "--queue-timeout-s",
+        type=_seconds,
+        default=defaults.queue_timeout_s,
+        metavar="SECONDS",
+        help=f"longest a request waits for a worker before its 503 (default: {defaults.queue_timeout_s:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per command; ``args.run(args)`` runs it."""
-    parser = argparse.ArgumentParser(prog="kvbm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kvbm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="prefill + decode workers behind a router")
@@ -284,16 +342,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     router = commands.add_parser("router", help="the router alone, over running vLLM servers")
     router.add_argument("--model-name", required=True, help="the model name the workers serve")
-    router.add_argument("--worker", type=_worker_arg, action="append", default=[], metavar="ROLE=URL[,STATS_URL]",
-                        help="a running worker (repeat): ROLE prefill, decode or aggregated; STATS_URL "
-                             "its kvbm stats endpoint")
+    router.add_argument(
+        "--worker",
+        type=_worker_arg,
+        action="append",
+        default=[],
+        metavar="ROLE=URL[,STATS_URL]",
+        help="a running worker (repeat): ROLE prefill, decode or aggregated; STATS_URL its kvbm stats endpoint",
+    )
     _router_flags(router)
     defaults = RouterConfig(model_name="any")
-    router.add_argument("--request-timeout-s", type=_seconds, default=defaults.request_timeout_s,
-                        metavar="SECONDS", help="limit on one worker exchange "
-                                                f"(default: {defaults.request_timeout_s:g})")
-    router.add_argument("--health-interval-s", type=_seconds, default=defaults.health_interval_s,
-                        metavar="SECONDS", help=f"health probe period (default: {defaults.health_interval_s:g})")
+    router.add_argument(
+        "--request-timeout-s",
+        type=_seconds,
+        default=defaults.request_timeout_s,
+        metavar="SECONDS",
+        help=f"limit on one worker exchange (default: {defaults.request_timeout_s:g})",
+    )
+    router.add_argument(
+        "--health-interval-s",
+        type=_seconds,
+        default=defaults.health_interval_s,
+        metavar="SECONDS",
+        help=f"health probe period (default: {defaults.health_interval_s:g})",
+    )
     router.set_defaults(run=run_router)
 
     demo = commands.add_parser("demo", help="the serve stack answers a few completions, then stops")

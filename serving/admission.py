@@ -71,9 +71,13 @@ class AdmissionQueue:
         except TimeoutError:
             self._stats.queue_timeouts += 1
             self._stats.count_error(ErrorKind.NO_WORKER)
-            raise RequestError(503, f"waited {self._timeout_s:g} s for a healthy "
-                               f"{_role_names(roles)} worker; none came ({self._states(roles)})",
-                               "no_worker", type_="service_unavailable") from None
+            raise RequestError(
+                503,
+                f"waited {self._timeout_s:g} s for a healthy "
+                f"{_role_names(roles)} worker; none came ({self._states(roles)})",
+                "no_worker",
+                type_="service_unavailable",
+            ) from None
         finally:
             self._entered(-1)
 
@@ -82,10 +86,18 @@ class AdmissionQueue:
         self._stats.count_error(ErrorKind.NO_WORKER)
         nobody = f"no {_role_names(roles)} worker can take this request ({self._states(roles)})"
         if self._size == 0:
-            return RequestError(503, f"{nobody}, and this router lets no request wait "
-                                "(queue_size 0)", "no_worker", type_="service_unavailable")
-        return RequestError(503, f"{nobody}, and the admission queue is full ({self._size} "
-                            "waiting); retry later", "queue_full", type_="service_unavailable")
+            return RequestError(
+                503,
+                f"{nobody}, and this router lets no request wait (queue_size 0)",
+                "no_worker",
+                type_="service_unavailable",
+            )
+        return RequestError(
+            503,
+            f"{nobody}, and the admission queue is full ({self._size} waiting); retry later",
+            "queue_full",
+            type_="service_unavailable",
+        )
 
     def _entered(self, change: int) -> None:
         self._waiting += change
@@ -111,8 +123,10 @@ class AdmissionQueue:
         workers = [w for w in self._pool.all() if w.role in roles]
         if not workers:
             return "none registered"
-        return ", ".join(f"{w.id} {w.state.value}" if w.state is not WorkerState.ACTIVE
-                         else f"{w.id} out of rotation" for w in workers)
+        return ", ".join(
+            f"{w.id} {w.state.value}" if w.state is not WorkerState.ACTIVE else f"{w.id} out of rotation"
+            for w in workers
+        )
 
 
 def _role_names(roles: Collection[WorkerRole]) -> str:

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import httpx
 
+
 @contextlib.contextmanager
 def httpx_errors(request: httpx.Request) -> Iterator[None]:
     """Re-raises aiohttp's failures as the httpx exception of the same meaning."""
@@ -87,21 +88,27 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_expiry)
         # httpx decodes the body by its content-encoding header, so aiohttp must not.
         # httpx keeps the cookies (the router sends none); a second jar here would add its own.
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                     cookie_jar=aiohttp.DummyCookieJar())
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._session is None:
             self._session = self._open_session()
         timeouts = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.get("connect"),
-                                        sock_read=timeouts.get("read"))
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read")
+        )
         with httpx_errors(request):
             response = await self._session.request(
-                request.method, str(request.url), headers=list(request.headers.multi_items()),
-                data=await request.aread() or None, allow_redirects=False, timeout=timeout)
-        return httpx.Response(response.status, headers=list(response.raw_headers),
-                              stream=_Body(response, request), request=request)
+                request.method,
+                str(request.url),
+                headers=list(request.headers.multi_items()),
+                data=await request.aread() or None,
+                allow_redirects=False,
+                timeout=timeout,
+            )
+        return httpx.Response(
+            response.status, headers=list(response.raw_headers), stream=_Body(response, request), request=request
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -31,9 +31,26 @@ BUILDER_VERSION = 1
 # Standard-library modules whose source trains the tokenizer: plain English docstrings
 # and code, present on every CPython 3.11 install.
 _CORPUS_MODULES = (
-    "argparse", "asyncio.events", "collections", "contextlib", "dataclasses", "email.message",
-    "functools", "http.client", "inspect", "json.decoder", "logging", "pathlib", "shutil",
-    "subprocess", "textwrap", "threading", "typing", "unittest.case", "urllib.parse", "zipfile",
+    "argparse",
+    "asyncio.events",
+    "collections",
+    "contextlib",
+    "dataclasses",
+    "email.message",
+    "functools",
+    "http.client",
+    "inspect",
+    "json.decoder",
+    "logging",
+    "pathlib",
+    "shutil",
+    "subprocess",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest.case",
+    "urllib.parse",
+    "zipfile",
 )
 
 
@@ -55,13 +72,27 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Tests: starts in seconds, 2 layers x 2 KV heads x 32 head dim = 512 B of bf16 KV a token.
     "tiny": Preset(
-        hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-        intermediate_size=256, vocab_size=1024, max_positions=4096, logit_scale=8.0,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        vocab_size=1024,
+        max_positions=4096,
+        logit_scale=8.0,
     ),
     # Benchmarks: ~100M parameters, prefill far dearer than reading its KV (16 KiB a token).
     "bench": Preset(
-        hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, head_dim=64,
-        intermediate_size=2816, vocab_size=2048, max_positions=4096, logit_scale=8.0,
+        hidden_size=1024,
+        num_layers=8,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=64,
+        intermediate_size=2816,
+        vocab_size=2048,
+        max_positions=4096,
+        logit_scale=8.0,
     ),
 }
 
@@ -69,7 +100,8 @@ PRESETS: dict[str, Preset] = {
 def default_cache_dir() -> Path:
     """Where models are built unless the caller names a directory."""
     root = os.environ.get("KVBM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvbm")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvbm"
+    )
     return Path(root) / "models"
 
 
@@ -86,9 +118,12 @@ def _corpus() -> list[str]:
 
 def _model_key(preset_name: str, seed: int, corpus: list[str]) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({
-        "builder": BUILDER_VERSION, "preset": dataclasses.asdict(PRESETS[preset_name]),
-        "seed": seed}, sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            {"builder": BUILDER_VERSION, "preset": dataclasses.asdict(PRESETS[preset_name]), "seed": seed},
+            sort_keys=True,
+        ).encode()
+    )
     for text in corpus:
         digest.update(text.encode())
     return digest.hexdigest()[:12]
@@ -102,11 +137,13 @@ def _build_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     wrapped.model_max_length = 1 << 20
     wrapped.save_pretrained(out_dir)
 
@@ -116,11 +153,19 @@ def _build_weights(preset: Preset, seed: int, out_dir: Path) -> None:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
-        head_dim=preset.head_dim, max_position_embeddings=preset.max_positions,
-        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, dtype="bfloat16")
+        vocab_size=preset.vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.head_dim,
+        max_position_embeddings=preset.max_positions,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -130,8 +175,7 @@ def _build_weights(preset: Preset, seed: int, out_dir: Path) -> None:
     GenerationConfig(bos_token_id=0, eos_token_id=1, do_sample=False).save_pretrained(out_dir)
 
 
-def ensure_model(preset_name: str = "tiny", seed: int = 0,
-                 cache_dir: Path | None = None) -> Path:
+def ensure_model(preset_name: str = "tiny", seed: int = 0, cache_dir: Path | None = None) -> Path:
     """Returns the directory of the preset's model, building it there first if needed.
 
     Args:
@@ -169,11 +213,16 @@ def ensure_model(preset_name: str = "tiny", seed: int = 0,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kvbm.serving.embedded_model",
-        description="Build (once) the embedded offline model and print its directory.")
+        description="Build (once) the embedded offline model and print its directory.",
+    )
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="parent directory (default: $KVBM_CACHE_DIR/models or ~/.cache/kvbm/models)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="parent directory (default: $KVBM_CACHE_DIR/models or ~/.cache/kvbm/models)",
+    )
     args = parser.parse_args(argv)
     print(ensure_model(args.preset, args.seed, args.cache_dir))
     return 0

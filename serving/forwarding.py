@@ -59,8 +59,7 @@ from kvbm.serving.admission import AdmissionQueue
 from kvbm.serving.health import Health, check_health
 from kvbm.serving.router_stats import ErrorKind, Hop, RouterStats
 from kvbm.serving.router_validation import Endpoint, RequestError
-from kvbm.serving.routing import (PublishedHashes, choose_by_load, choose_prefill,
-                                  no_published_hashes)
+from kvbm.serving.routing import PublishedHashes, choose_by_load, choose_prefill, no_published_hashes
 from kvbm.serving.workers import DECODE_ROLES, Worker, WorkerPool, WorkerRole
 
 logger = logging.getLogger(__name__)
@@ -94,11 +93,16 @@ class Forwarder:
         admission: where requests wait for a worker; None: they get a 503 at once.
     """
 
-    def __init__(self, pool: WorkerPool, stats: RouterStats, client: httpx.AsyncClient,
-                 prompt_hashes: PromptHashes = no_prompt_hashes,
-                 published: PublishedHashes = no_published_hashes,
-                 clock: Callable[[], float] = time.monotonic,
-                 admission: AdmissionQueue | None = None) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        stats: RouterStats,
+        client: httpx.AsyncClient,
+        prompt_hashes: PromptHashes = no_prompt_hashes,
+        published: PublishedHashes = no_published_hashes,
+        clock: Callable[[], float] = time.monotonic,
+        admission: AdmissionQueue | None = None,
+    ) -> None:
         self._pool = pool
         self._stats = stats
         self._client = client
@@ -153,11 +157,16 @@ class Forwarder:
         is counted when it comes."""
         if self._release_pool is None:
             self._release_pool = concurrent.futures.ThreadPoolExecutor(
-                RELEASE_THREADS, thread_name_prefix="kvbm-router-release")
+                RELEASE_THREADS, thread_name_prefix="kvbm-router-release"
+            )
         future = asyncio.get_running_loop().run_in_executor(
-            self._release_pool, exchange.request_release, handoff.source, (handoff.release_hash,),
-            RELEASE_TIMEOUT_S, *((handoff.grant.lease_id, handoff.grant.source) if handoff.grant is not None
-                                 else (None, None)))
+            self._release_pool,
+            exchange.request_release,
+            handoff.source,
+            (handoff.release_hash,),
+            RELEASE_TIMEOUT_S,
+            *((handoff.grant.lease_id, handoff.grant.source) if handoff.grant is not None else (None, None)),
+        )
         self._releases.add(future)
         future.add_done_callback(lambda done: self._released(handoff, done))
 
@@ -170,8 +179,12 @@ class Forwarder:
             self._stats.handoffs_released += 1
             return
         self._stats.handoff_release_failures += 1
-        logger.warning("could not release the handoff held by %s (%s: %s); it is freed when its hold "
-                       "runs out", handoff.source, type(error).__name__, error)
+        logger.warning(
+            "could not release the handoff held by %s (%s: %s); it is freed when its hold runs out",
+            handoff.source,
+            type(error).__name__,
+            error,
+        )
 
     async def _prefill(self, worker: Worker, endpoint: Endpoint, body: dict) -> dict:
         """First hop; returns the body for the decode hop."""
@@ -240,22 +253,34 @@ class Forwarder:
             # it would wait as long a second time.
             if not stays or isinstance(failure, httpx.TimeoutException):
                 excluded.append(worker.id)
-        raise RequestError(502, "worker(s) failed before answering: " + "; ".join(reasons),
-                           "worker_failed", type_="bad_gateway")
+        raise RequestError(
+            502, "worker(s) failed before answering: " + "; ".join(reasons), "worker_failed", type_="bad_gateway"
+        )
 
     async def _failed(self, worker: Worker, failure: Exception) -> bool:
         """Takes a worker that failed a request out of rotation, unless it only lost the
         connection and its ``/health`` is not refused, or it was late and no other worker can
         take its hops; True when it stays in."""
         if isinstance(failure, httpx.TimeoutException) and not self._pool.alternatives(worker):
-            logger.warning("worker %s (%s) timed out (%s: %s) but no other worker can take its "
-                           "requests; it stays in rotation", worker.id, worker.url,
-                           type(failure).__name__, failure)
+            logger.warning(
+                "worker %s (%s) timed out (%s: %s) but no other worker can take its requests; it stays in rotation",
+                worker.id,
+                worker.url,
+                type(failure).__name__,
+                failure,
+            )
             return True  # late is not dead: the probe takes it out only when it is down
-        if (isinstance(failure, CONNECTION_LOST)
-                and await check_health(self._client, worker, HEALTH_CHECK_S) is not Health.DOWN):
-            logger.warning("worker %s (%s) lost a connection (%s: %s) but is not down; it stays in "
-                           "rotation", worker.id, worker.url, type(failure).__name__, failure)
+        if (
+            isinstance(failure, CONNECTION_LOST)
+            and await check_health(self._client, worker, HEALTH_CHECK_S) is not Health.DOWN
+        ):
+            logger.warning(
+                "worker %s (%s) lost a connection (%s: %s) but is not down; it stays in rotation",
+                worker.id,
+                worker.url,
+                type(failure).__name__,
+                failure,
+            )
             return True  # alive, perhaps busy: the probe takes it out if it stays silent
         self._pool.mark(worker, healthy=False, reason=f"{type(failure).__name__}: {failure}")
         return False
@@ -265,11 +290,15 @@ class Forwarder:
             self._stats.count_error(ErrorKind.UPSTREAM_4XX)
         else:
             self._stats.succeeded += 1
-        return Response(content=content, status_code=reply.status_code,
-                        media_type=reply.headers.get("content-type", "application/json"))
+        return Response(
+            content=content,
+            status_code=reply.status_code,
+            media_type=reply.headers.get("content-type", "application/json"),
+        )
 
-    async def _unary(self, worker: Worker, endpoint: Endpoint, body: dict,
-                     received_at: float) -> tuple[Response | None, Exception | None]:
+    async def _unary(
+        self, worker: Worker, endpoint: Endpoint, body: dict, received_at: float
+    ) -> tuple[Response | None, Exception | None]:
         try:
             reply = await self._client.post(worker.url + endpoint.value, json=body)
         except httpx.HTTPError as error:
@@ -283,8 +312,9 @@ class Forwarder:
         self._stats.record_ttft(now - received_at)
         return self._passthrough(reply, reply.content), None
 
-    async def _stream(self, worker: Worker, endpoint: Endpoint, body: dict,
-                      received_at: float) -> tuple[Response | None, Exception | None]:
+    async def _stream(
+        self, worker: Worker, endpoint: Endpoint, body: dict, received_at: float
+    ) -> tuple[Response | None, Exception | None]:
         request = self._client.build_request("POST", worker.url + endpoint.value, json=body)
         reply: httpx.Response | None = None
         try:
@@ -309,12 +339,15 @@ class Forwarder:
         now = self._clock()
         self._pool.progressed(worker, now)
         self._stats.record_ttft(now - received_at)
-        return StreamingResponse(self._relay(worker, reply, chunks, first),
-                                 status_code=reply.status_code,
-                                 media_type=reply.headers.get("content-type", "text/event-stream")), None
+        return StreamingResponse(
+            self._relay(worker, reply, chunks, first),
+            status_code=reply.status_code,
+            media_type=reply.headers.get("content-type", "text/event-stream"),
+        ), None
 
-    async def _relay(self, worker: Worker, reply: httpx.Response, chunks: AsyncIterator[bytes],
-                     first: bytes) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, worker: Worker, reply: httpx.Response, chunks: AsyncIterator[bytes], first: bytes
+    ) -> AsyncIterator[bytes]:
         try:
             yield first
             last = self._clock()
@@ -333,8 +366,14 @@ class Forwarder:
         except httpx.HTTPError as error:
             await self._failed(worker, error)
             self._stats.count_error(ErrorKind.STREAM_BROKEN)
-            event = {"error": {"message": f"worker {worker.id} failed mid-stream: {error}",
-                               "type": "bad_gateway", "code": "stream_broken", "param": None}}
+            event = {
+                "error": {
+                    "message": f"worker {worker.id} failed mid-stream: {error}",
+                    "type": "bad_gateway",
+                    "code": "stream_broken",
+                    "param": None,
+                }
+            }
             yield f"data: {json.dumps(event)}\n\n".encode()
         finally:
             await reply.aclose()

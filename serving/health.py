@@ -72,8 +72,9 @@ class ProbeVerdicts:
         clock: monotonic seconds, the clock :meth:`WorkerPool.progressed` is given.
     """
 
-    def __init__(self, pool: WorkerPool, slow_to_eject: int = SLOW_PROBES_TO_EJECT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, pool: WorkerPool, slow_to_eject: int = SLOW_PROBES_TO_EJECT, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._pool = pool
         self._slow_to_eject = slow_to_eject
         self._clock = clock
@@ -113,5 +114,6 @@ class ProbeVerdicts:
         slow = self._slow[worker.id] = self._slow.get(worker.id, 0) + 1
         if slow >= self._slow_to_eject and worker.healthy:
             self._out_for_lateness.add(worker.id)
-            self._pool.mark(worker, False, f"/health unanswered {slow} times in a row, with no "
-                                           "progress on its requests")
+            self._pool.mark(
+                worker, False, f"/health unanswered {slow} times in a row, with no progress on its requests"
+            )

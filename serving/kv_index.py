@@ -96,9 +96,11 @@ class KvIndex:
     def _tokens(self, body: dict) -> list[int] | None:
         try:
             if "messages" in body:
-                return list(self._tokenizer.apply_chat_template(
-                    body["messages"], tokenize=True, add_generation_prompt=True,
-                    chat_template=self._chat_template))
+                return list(
+                    self._tokenizer.apply_chat_template(
+                        body["messages"], tokenize=True, add_generation_prompt=True, chat_template=self._chat_template
+                    )
+                )
             prompt: Any = body.get("prompt")
             if isinstance(prompt, str):
                 return self._tokenizer(prompt)["input_ids"]

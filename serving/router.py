@@ -62,8 +62,10 @@ START_POLL_S = 0.5
 HEALTH_PROBE_TIMEOUT_S = 2.0
 WORKER_STATS_TIMEOUT_S = 1.0  # a worker's stats endpoint that takes longer shows an error
 PROBED_STATES = (WorkerState.ACTIVE, WorkerState.DRAINING)
-ADD_USAGE = ('body must be {"role": "prefill"|"decode"|"aggregated"} to launch a worker, or '
-             'also "url": "http://host:port" (and optionally "stats_url") to add a running one')
+ADD_USAGE = (
+    'body must be {"role": "prefill"|"decode"|"aggregated"} to launch a worker, or '
+    'also "url": "http://host:port" (and optionally "stats_url") to add a running one'
+)
 
 
 class Router:
@@ -78,15 +80,18 @@ class Router:
         clock: monotonic seconds.
     """
 
-    def __init__(self, config: RouterConfig, prompt_hashes: PromptHashes = no_prompt_hashes,
-                 published: PublishedHashes = no_published_hashes,
-                 launcher: Launcher | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        prompt_hashes: PromptHashes = no_prompt_hashes,
+        published: PublishedHashes = no_published_hashes,
+        launcher: Launcher | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.pool = WorkerPool()
         self.stats = RouterStats(config.latency_window)
-        self.admission = AdmissionQueue(self.pool, self.stats, config.queue_size,
-                                        config.queue_timeout_s)
+        self.admission = AdmissionQueue(self.pool, self.stats, config.queue_size, config.queue_timeout_s)
         self._prompt_hashes = prompt_hashes
         self._published = published
         self._launcher = launcher
@@ -125,8 +130,9 @@ class Router:
         transport = AiohttpTransport(keepalive_expiry=2.0)
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
             self._client = client
-            self._forwarder = Forwarder(self.pool, self.stats, client, self._prompt_hashes,
-                                        self._published, self._clock, self.admission)
+            self._forwarder = Forwarder(
+                self.pool, self.stats, client, self._prompt_hashes, self._published, self._clock, self.admission
+            )
             self._spawn(self._probe_forever(client))
             try:
                 yield
@@ -149,8 +155,7 @@ class Router:
         verdicts = ProbeVerdicts(self.pool, clock=self._clock)
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            workers = [w for w in self.pool.all()
-                       if w.state in PROBED_STATES and not verdicts.process_ended(w)]
+            workers = [w for w in self.pool.all() if w.state in PROBED_STATES and not verdicts.process_ended(w)]
             answers = await asyncio.gather(*(check_health(client, w, timeout) for w in workers))
             for worker, health in zip(workers, answers):
                 verdicts.apply(worker, health)
@@ -159,14 +164,12 @@ class Router:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}",
-                               "body_too_large")
+            raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}", "body_too_large")
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > limit:
-                raise RequestError(413, f"request body exceeds the limit of {limit} bytes",
-                                   "body_too_large")
+                raise RequestError(413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
         return bytes(raw)
 
     async def _completion(self, request: Request, endpoint: Endpoint) -> Response:
@@ -190,8 +193,12 @@ class Router:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             self.stats.count_error(ErrorKind.UNAUTHORIZED)
-            raise RequestError(401, "admin routes need 'Authorization: Bearer <admin_token>'",
-                               "unauthorized", type_="authentication_error")
+            raise RequestError(
+                401,
+                "admin routes need 'Authorization: Bearer <admin_token>'",
+                "unauthorized",
+                type_="authentication_error",
+            )
 
     def _worker(self, worker_id: str) -> Worker:
         try:
@@ -218,13 +225,18 @@ class Router:
 
     def _launch(self, role: WorkerRole) -> Response:
         if self._launcher is None:
-            raise RequestError(400, "this router cannot launch workers (it was not started by the "
-                               "serve command); add a running one with \"url\"", "no_launcher")
+            raise RequestError(
+                400,
+                "this router cannot launch workers (it was not started by the "
+                'serve command); add a running one with "url"',
+                "no_launcher",
+            )
         try:
             worker = self.launch_worker(role)
         except (OSError, RuntimeError, ValueError) as error:
-            raise RequestError(500, f"could not launch a {role.value} worker: {error}",
-                               "launch_failed", type_="server_error") from None
+            raise RequestError(
+                500, f"could not launch a {role.value} worker: {error}", "launch_failed", type_="server_error"
+            ) from None
         self._spawn(self._await_start(worker))
         return JSONResponse(worker.as_json(), status_code=202)
 
@@ -275,8 +287,7 @@ class Router:
         return await fetch_worker_stats(self._client, workers, path, WORKER_STATS_TIMEOUT_S)
 
     def _build_app(self) -> FastAPI:
-        app = FastAPI(title="kvbm router", lifespan=self._lifespan, docs_url=None,
-                      redoc_url=None, openapi_url=None)
+        app = FastAPI(title="kvbm router", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.add_exception_handler(RequestError, lambda _request, error: error_response(error))
 
         @app.post(Endpoint.COMPLETIONS.value)
@@ -289,8 +300,9 @@ class Router:
 
         @app.get("/v1/models")
         async def models() -> Response:
-            return JSONResponse({"object": "list", "data": [
-                {"id": self.config.model_name, "object": "model", "owned_by": "kvbm"}]})
+            return JSONResponse(
+                {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "owned_by": "kvbm"}]}
+            )
 
         @app.get("/health")
         async def health() -> Response:
@@ -307,8 +319,9 @@ class Router:
         async def metrics() -> Response:
             workers = self.pool.all()
             worker_metrics = await self._worker_stats(workers, "/metrics")
-            return PlainTextResponse(self.stats.prometheus(workers, worker_metrics),
-                                     media_type="text/plain; version=0.0.4")
+            return PlainTextResponse(
+                self.stats.prometheus(workers, worker_metrics), media_type="text/plain; version=0.0.4"
+            )
 
         @app.get("/admin/workers")
         async def list_workers(request: Request) -> Response:
@@ -350,16 +363,23 @@ class RouterServer:
             self._socket.bind((config.host, config.port))
         except OSError as error:
             self._socket.close()
-            raise OSError(error.errno, f"cannot bind the router to {config.host}:{config.port}: "
-                                       f"{error.strerror}") from None
+            raise OSError(
+                error.errno, f"cannot bind the router to {config.host}:{config.port}: {error.strerror}"
+            ) from None
         # Listening from here on: a client told the address (``kvbm router`` prints it before
         # uvicorn starts) waits in the backlog instead of being refused.
         self._socket.listen(BACKLOG)
         self.port: int = self._socket.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(
-            router.app, log_level="warning", lifespan="on", access_log=False,
-            timeout_keep_alive=KEEP_ALIVE_S,
-            timeout_graceful_shutdown=max(1, int(config.request_timeout_s))))
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                router.app,
+                log_level="warning",
+                lifespan="on",
+                access_log=False,
+                timeout_keep_alive=KEEP_ALIVE_S,
+                timeout_graceful_shutdown=max(1, int(config.request_timeout_s)),
+            )
+        )
         self._thread: threading.Thread | None = None
 
     @property

@@ -66,12 +66,10 @@ class RouterConfig:
             raise ValueError(f"host must be a non-empty string, got {self.host!r}")
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
-        if self.admin_token is not None and (not isinstance(self.admin_token, str)
-                                             or len(self.admin_token) < 8):
+        if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 8):
             raise ValueError("admin_token must be a string of at least 8 characters or None")
         if self.admin_token is None and not is_loopback(self.host):
-            raise ValueError(
-                f"admin_token is required when host is not loopback (host={self.host!r})")
+            raise ValueError(f"admin_token is required when host is not loopback (host={self.host!r})")
         for name in ("max_body_bytes", "max_tokens_cap", "latency_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -81,6 +79,10 @@ class RouterConfig:
             raise ValueError(f"queue_size must be an integer >= 0, got {self.queue_size!r}")
         for name in ("request_timeout_s", "health_interval_s", "queue_timeout_s"):
             value = getattr(self, name)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
-                    or not math.isfinite(value)):
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not value > 0
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

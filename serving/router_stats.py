@@ -29,13 +29,13 @@ _STATS_STATES = frozenset({WorkerState.ACTIVE, WorkerState.DRAINING, WorkerState
 class ErrorKind(enum.Enum):
     """Why a request did not get a worker's answer (or got one it should not have)."""
 
-    INVALID_REQUEST = "invalid_request"    # 4xx from validation
-    UNAUTHORIZED = "unauthorized"          # admin route without the token
-    NO_WORKER = "no_worker"                # 503: nobody to send it to (queue full or timed out)
-    WORKER_FAILED = "worker_failed"        # connection refused / 5xx / timeout at a worker
-    UPSTREAM_4XX = "upstream_4xx"          # the worker itself refused the request
-    STREAM_BROKEN = "stream_broken"        # the worker failed after bytes reached the client
-    PREFILL_FAILED = "prefill_failed"      # first hop failed; decode recomputed
+    INVALID_REQUEST = "invalid_request"  # 4xx from validation
+    UNAUTHORIZED = "unauthorized"  # admin route without the token
+    NO_WORKER = "no_worker"  # 503: nobody to send it to (queue full or timed out)
+    WORKER_FAILED = "worker_failed"  # connection refused / 5xx / timeout at a worker
+    UPSTREAM_4XX = "upstream_4xx"  # the worker itself refused the request
+    STREAM_BROKEN = "stream_broken"  # the worker failed after bytes reached the client
+    PREFILL_FAILED = "prefill_failed"  # first hop failed; decode recomputed
     KV_PARAMS_MISSING = "kv_params_missing"  # prefill answered without kv_transfer_params
 
 
@@ -95,11 +95,9 @@ class RouterStats:
         self._itl.append(seconds)
 
     def _latency(self, samples: Sequence[float]) -> dict:
-        return {"count": len(samples), "p50": percentile(samples, 50),
-                "p99": percentile(samples, 99)}
+        return {"count": len(samples), "p50": percentile(samples, 50), "p99": percentile(samples, 99)}
 
-    def as_json(self, workers: Sequence[Worker],
-                block_stats: Mapping[str, WorkerReply] | None = None) -> dict:
+    def as_json(self, workers: Sequence[Worker], block_stats: Mapping[str, WorkerReply] | None = None) -> dict:
         """The snapshot; each worker's record gains ``block_stats``: its stats endpoint's JSON,
         ``{"error": ...}`` when that failed, or None when it was not asked."""
         block_stats = block_stats or {}
@@ -124,12 +122,10 @@ class RouterStats:
             "prefill_s": self._latency(self._prefill),
             "itl_s": self._latency(self._itl),
             "routing": routing,
-            "workers": [w.as_json() | {"block_stats": _stats_json(block_stats.get(w.id))}
-                        for w in workers],
+            "workers": [w.as_json() | {"block_stats": _stats_json(block_stats.get(w.id))} for w in workers],
         }
 
-    def prometheus(self, workers: Sequence[Worker],
-                   worker_metrics: Mapping[str, WorkerReply] | None = None) -> str:
+    def prometheus(self, workers: Sequence[Worker], worker_metrics: Mapping[str, WorkerReply] | None = None) -> str:
         """The router's metrics, then every asked worker's own, labelled ``worker``."""
         worker_metrics = worker_metrics or {}
         lines = [
@@ -160,21 +156,25 @@ class RouterStats:
             lines.append(f"# TYPE kvbm_router_{name}_seconds summary")
             for q in (50, 99):
                 value = percentile(samples, q)
-                lines.append(f'kvbm_router_{name}_seconds{{quantile="{q / 100}"}} '
-                             f'{"NaN" if value is None else f"{value:.6f}"}')
+                lines.append(
+                    f'kvbm_router_{name}_seconds{{quantile="{q / 100}"}} {"NaN" if value is None else f"{value:.6f}"}'
+                )
             lines.append(f"kvbm_router_{name}_seconds_count {len(samples)}")
         lines.append("# TYPE kvbm_router_routed_total counter")
-        lines += [f'kvbm_router_routed_total{{worker="{w}",hop="{hop.value}"}} {n}'
-                  for (w, hop), n in sorted(self.routed.items(), key=lambda kv: (kv[0][0], kv[0][1].value))]
+        lines += [
+            f'kvbm_router_routed_total{{worker="{w}",hop="{hop.value}"}} {n}'
+            for (w, hop), n in sorted(self.routed.items(), key=lambda kv: (kv[0][0], kv[0][1].value))
+        ]
         lines.append("# TYPE kvbm_router_worker_in_flight gauge")
-        lines += [f'kvbm_router_worker_in_flight{{worker="{w.id}",role="{w.role.value}"}} {w.in_flight}'
-                  for w in workers]
+        lines += [
+            f'kvbm_router_worker_in_flight{{worker="{w.id}",role="{w.role.value}"}} {w.in_flight}' for w in workers
+        ]
         lines.append("# TYPE kvbm_router_worker_healthy gauge")
-        lines += [f'kvbm_router_worker_healthy{{worker="{w.id}",state="{w.state.value}"}} {int(w.healthy)}'
-                  for w in workers]
+        lines += [
+            f'kvbm_router_worker_healthy{{worker="{w.id}",state="{w.state.value}"}} {int(w.healthy)}' for w in workers
+        ]
         lines.append("# TYPE kvbm_router_worker_stats_up gauge")
-        lines += [f'kvbm_router_worker_stats_up{{worker="{w}"}} {int(reply.ok)}'
-                  for w, reply in worker_metrics.items()]
+        lines += [f'kvbm_router_worker_stats_up{{worker="{w}"}} {int(reply.ok)}' for w, reply in worker_metrics.items()]
         lines += merge_worker_metrics({w: reply.body for w, reply in worker_metrics.items() if reply.ok})
         return "\n".join(lines) + "\n"
 
@@ -187,8 +187,9 @@ class WorkerReply:
     body: str
 
 
-async def fetch_worker_stats(client: httpx.AsyncClient, workers: Sequence[Worker], path: str,
-                             timeout_s: float) -> dict[str, WorkerReply]:
+async def fetch_worker_stats(
+    client: httpx.AsyncClient, workers: Sequence[Worker], path: str, timeout_s: float
+) -> dict[str, WorkerReply]:
     """GETs ``stats_url + path`` of every worker that has a stats endpoint and should be up,
     all at once, each within ``timeout_s``; keyed by worker id."""
     asked = [(w, w.stats_url) for w in workers if w.stats_url and w.state in _STATS_STATES]

@@ -24,8 +24,9 @@ class Endpoint(enum.Enum):
 class RequestError(Exception):
     """A request the router refuses; ``as_json`` is the OpenAI error body."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, type_: str = "invalid_request_error"
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -34,8 +35,7 @@ class RequestError(Exception):
         self.type = type_
 
     def as_json(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code,
-                          "param": self.param}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
 
 def _is_int(value: object) -> bool:
@@ -43,15 +43,22 @@ def _is_int(value: object) -> bool:
 
 
 def _check_prompt(prompt: object) -> None:
-    ok = (isinstance(prompt, str)
-          or (isinstance(prompt, list) and prompt and (
-              all(isinstance(p, str) for p in prompt)
-              or all(_is_int(t) and t >= 0 for t in prompt)
-              or all(isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p)
-                     for p in prompt))))
+    ok = isinstance(prompt, str) or (
+        isinstance(prompt, list)
+        and prompt
+        and (
+            all(isinstance(p, str) for p in prompt)
+            or all(_is_int(t) and t >= 0 for t in prompt)
+            or all(isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p) for p in prompt)
+        )
+    )
     if not ok:
-        raise RequestError(400, "'prompt' must be a string, a non-empty list of strings, a list "
-                           "of token ids, or a list of token-id lists", "invalid_type", "prompt")
+        raise RequestError(
+            400,
+            "'prompt' must be a string, a non-empty list of strings, a list of token ids, or a list of token-id lists",
+            "invalid_type",
+            "prompt",
+        )
 
 
 def _check_messages(messages: object) -> None:
@@ -59,12 +66,17 @@ def _check_messages(messages: object) -> None:
         raise RequestError(400, "'messages' must be a non-empty list", "invalid_type", "messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(400, f"'messages[{i}]' must be an object with a string 'role'",
-                               "invalid_type", f"messages[{i}]")
+            raise RequestError(
+                400, f"'messages[{i}]' must be an object with a string 'role'", "invalid_type", f"messages[{i}]"
+            )
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise RequestError(400, f"'messages[{i}].content' must be a string, a list or null",
-                               "invalid_type", f"messages[{i}].content")
+            raise RequestError(
+                400,
+                f"'messages[{i}].content' must be a string, a list or null",
+                "invalid_type",
+                f"messages[{i}].content",
+            )
 
 
 def parse_request(raw: bytes, endpoint: Endpoint, config: RouterConfig) -> dict:
@@ -76,26 +88,32 @@ def parse_request(raw: bytes, endpoint: Endpoint, config: RouterConfig) -> dict:
             outside [1, ``config.max_tokens_cap``]; 404 for a model the router does not serve.
     """
     if len(raw) > config.max_body_bytes:
-        raise RequestError(413, f"request body is {len(raw)} bytes; the limit is "
-                           f"{config.max_body_bytes}", "body_too_large")
+        raise RequestError(
+            413, f"request body is {len(raw)} bytes; the limit is {config.max_body_bytes}", "body_too_large"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise RequestError(400, f"request body is not valid UTF-8 ({error.reason} at byte "
-                           f"{error.start})", "invalid_utf8") from None
+        raise RequestError(
+            400, f"request body is not valid UTF-8 ({error.reason} at byte {error.start})", "invalid_utf8"
+        ) from None
     try:
         body = json.loads(text)
     except json.JSONDecodeError as error:
-        raise RequestError(400, f"request body is not valid JSON: {error.msg} at line "
-                           f"{error.lineno} column {error.colno}", "invalid_json") from None
+        raise RequestError(
+            400,
+            f"request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}",
+            "invalid_json",
+        ) from None
     if not isinstance(body, dict):
         raise RequestError(400, "request body must be a JSON object", "invalid_type")
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError(400, "'model' is required and must be a string", "invalid_type", "model")
     if model != config.model_name:
-        raise RequestError(404, f"model {model!r} does not exist; this router serves "
-                           f"{config.model_name!r}", "model_not_found", "model")
+        raise RequestError(
+            404, f"model {model!r} does not exist; this router serves {config.model_name!r}", "model_not_found", "model"
+        )
     if "stream" in body and not isinstance(body["stream"], bool):
         raise RequestError(400, "'stream' must be a boolean", "invalid_type", "stream")
     for field in ("max_tokens", "max_completion_tokens"):
@@ -105,8 +123,9 @@ def parse_request(raw: bytes, endpoint: Endpoint, config: RouterConfig) -> dict:
         if not _is_int(value):
             raise RequestError(400, f"'{field}' must be an integer", "invalid_type", field)
         if not 1 <= value <= config.max_tokens_cap:
-            raise RequestError(400, f"'{field}' must be in [1, {config.max_tokens_cap}], got "
-                               f"{value}", "invalid_value", field)
+            raise RequestError(
+                400, f"'{field}' must be in [1, {config.max_tokens_cap}], got {value}", "invalid_value", field
+            )
     if endpoint is Endpoint.COMPLETIONS:
         if "prompt" not in body:
             raise RequestError(400, "'prompt' is required", "missing_field", "prompt")

@@ -47,8 +47,9 @@ def choose_by_load(workers: Sequence[Worker]) -> Worker | None:
     return min(workers, key=_load_key, default=None)
 
 
-def choose_prefill(workers: Sequence[Worker], prompt_hashes: Sequence[Hashable],
-                   published: PublishedHashes = no_published_hashes) -> Worker | None:
+def choose_prefill(
+    workers: Sequence[Worker], prompt_hashes: Sequence[Hashable], published: PublishedHashes = no_published_hashes
+) -> Worker | None:
     """The worker with the longest cached prefix of the prompt, then the least loaded.
 
     Args:

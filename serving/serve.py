@@ -49,14 +49,18 @@ DEFAULT_G3_CAPACITY = "2GiB"  # per worker, when serve is given a G3 directory a
 SERVE_OWNED_FIELDS = ("remote", "stats_port", "stats_host", "g3_dir")
 
 
-def connector_config(worker_id: str, stats_port: int, side_channel_port: int,
-                     kvbm: Mapping[str, Any] | None = None) -> dict:
+def connector_config(
+    worker_id: str, stats_port: int, side_channel_port: int, kvbm: Mapping[str, Any] | None = None
+) -> dict:
     """vLLM's ``kv_transfer_config`` for one worker: kvbm's connector in both roles (a worker
     prefills for a peer or decodes from one, per request), named ``worker_id`` on NIXL. The
     side channel's port is fixed up front so the worker's first request can be handed off.
     ``kvbm`` adds the user's ``kv_connector_extra_config`` fields (G2 size, G3, policies)."""
-    extra = {**(kvbm or {}), "remote": {"worker": worker_id, "side_channel_port": side_channel_port},
-             "stats_port": stats_port}
+    extra = {
+        **(kvbm or {}),
+        "remote": {"worker": worker_id, "side_channel_port": side_channel_port},
+        "stats_port": stats_port,
+    }
     return {"kv_connector": "KVBMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
 
 
@@ -125,9 +129,15 @@ class WorkerLauncher:
         kvbm: a worker id's kvbm fields (see :func:`connector_config`).
     """
 
-    def __init__(self, engine: EngineSettings, served_name: str, log_dir: Path,
-                 start_timeout_s: float, cpus: list[str],
-                 kvbm: Callable[[str], Mapping[str, Any]] = lambda worker_id: {}) -> None:
+    def __init__(
+        self,
+        engine: EngineSettings,
+        served_name: str,
+        log_dir: Path,
+        start_timeout_s: float,
+        cpus: list[str],
+        kvbm: Callable[[str], Mapping[str, Any]] = lambda worker_id: {},
+    ) -> None:
         self._engine = engine
         self._kvbm = kvbm
         self._served_name = served_name
@@ -141,8 +151,14 @@ class WorkerLauncher:
         connector = connector_config(worker_id, stats_port, free_port(WORKER_HOST), self._kvbm(worker_id))
         settings = dataclasses.replace(self._engine, kv_transfer_config=connector)
         cpus = self._cpus[len(self._launched) % len(self._cpus)]
-        server = VLLMServer(settings, self.log_path(role, worker_id), host=WORKER_HOST, served_name=self._served_name,
-                            name=f"worker {worker_id} ({role.value})", cpus=cpus)
+        server = VLLMServer(
+            settings,
+            self.log_path(role, worker_id),
+            host=WORKER_HOST,
+            served_name=self._served_name,
+            name=f"worker {worker_id} ({role.value})",
+            cpus=cpus,
+        )
         worker = WorkerServer(server, stats_port)
         self._launched.append(worker)
         server.spawn(self._start_timeout_s)
@@ -206,8 +222,9 @@ class ServeOptions:
             raise ValueError(f"kvbm config: serve sets {', '.join(owned)} for each worker{hint}")
         from kvbm.connectors.vllm.config import ConnectorConfig  # no vllm import
 
-        ConnectorConfig.from_extra_config(connector_config("w0", 0, 0, worker_kvbm(self, "w0"))
-                                          ["kv_connector_extra_config"])
+        ConnectorConfig.from_extra_config(
+            connector_config("w0", 0, 0, worker_kvbm(self, "w0"))["kv_connector_extra_config"]
+        )
 
     def roles(self) -> list[WorkerRole]:
         """The workers' roles at start, prefill first."""
@@ -220,13 +237,22 @@ class ServeStack:
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.launcher = WorkerLauncher(options.engine, options.router.model_name, options.log_dir,
-                                       options.start_timeout_s, cpu_groups(len(options.roles())),
-                                       kvbm=lambda worker_id: worker_kvbm(options, worker_id))
+        self.launcher = WorkerLauncher(
+            options.engine,
+            options.router.model_name,
+            options.log_dir,
+            options.start_timeout_s,
+            cpu_groups(len(options.roles())),
+            kvbm=lambda worker_id: worker_kvbm(options, worker_id),
+        )
         template = options.engine.chat_template
         self.index = KvIndex(options.engine.model, template.read_text() if template else None)
-        self.router = Router(options.router, prompt_hashes=self.index.prompt_hashes,
-                             published=self.index.published, launcher=self.launcher)
+        self.router = Router(
+            options.router,
+            prompt_hashes=self.index.prompt_hashes,
+            published=self.index.published,
+            launcher=self.launcher,
+        )
         self._server: RouterServer | None = None
         self._stop_index = threading.Event()
         self._index_thread: threading.Thread | None = None
@@ -291,8 +317,9 @@ class ServeStack:
         """Keeps the KV index current with the prefill workers in the pool."""
         with httpx.Client() as client:
             while not self._stop_index.wait(REFRESH_INTERVAL_S):
-                workers = {w.id: w.stats_url for w in self.router.pool.all()
-                           if w.role is WorkerRole.PREFILL and w.stats_url}
+                workers = {
+                    w.id: w.stats_url for w in self.router.pool.all() if w.role is WorkerRole.PREFILL and w.stats_url
+                }
                 self.index.refresh(client, workers)
 
     def __enter__(self) -> "ServeStack":
@@ -352,22 +379,32 @@ def signals_interrupt() -> Iterator[Interrupted]:
 
 def describe(stack: ServeStack) -> list[str]:
     """One line per worker: id, role, URL, stats URL, log."""
-    return [f"  {w.id} {w.role.value:<10} {w.url}  stats {w.stats_url}  "
-            f"log {stack.launcher.log_path(w.role, w.id)}" for w in stack.router.pool.all()]
+    return [
+        f"  {w.id} {w.role.value:<10} {w.url}  stats {w.stats_url}  log {stack.launcher.log_path(w.role, w.id)}"
+        for w in stack.router.pool.all()
+    ]
 
 
 def serve_until_signal(options: ServeOptions, out: TextIO = sys.stdout) -> int:
     """Runs a stack until SIGINT/SIGTERM (main thread only); 0 after a clean stop, 1 when a
     worker did not start or the router's address is taken."""
-    print(f"starting {options.prefill} prefill + {options.decode} "
-          f"{'decode' if options.prefill else 'aggregated'} workers (logs: {options.log_dir}) ...",
-          file=out, flush=True)
+    print(
+        f"starting {options.prefill} prefill + {options.decode} "
+        f"{'decode' if options.prefill else 'aggregated'} workers (logs: {options.log_dir}) ...",
+        file=out,
+        flush=True,
+    )
     with signals_interrupt() as interrupted:
         try:
             with ServeStack(options).start(interrupted) as stack:
-                print(f"router {stack.url} serving model {options.router.model_name!r}; workers:",
-                      *describe(stack), "ready (Ctrl-C or SIGTERM stops)", sep="\n", file=out,
-                      flush=True)
+                print(
+                    f"router {stack.url} serving model {options.router.model_name!r}; workers:",
+                    *describe(stack),
+                    "ready (Ctrl-C or SIGTERM stops)",
+                    sep="\n",
+                    file=out,
+                    flush=True,
+                )
                 interrupted.wait()
                 raise KeyboardInterrupt
         except KeyboardInterrupt:

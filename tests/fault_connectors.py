@@ -17,8 +17,13 @@ class CorruptingG2Connector(KVBMConnector):
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         # Once per slot: requests sharing a prefix may load the same slots in one step.
-        slots = {int(i) for load in self._get_connector_metadata().loads for job in load.jobs
-                 if job.src is Tier.G2 for i in job.src_ids}
+        slots = {
+            int(i)
+            for load in self._get_connector_metadata().loads
+            for job in load.jobs
+            if job.src is Tier.G2
+            for i in job.src_ids
+        }
         self.host_buffer.rows[sorted(slots), 7] ^= 0xFF
         super().start_load_kv(forward_context, **kwargs)
 

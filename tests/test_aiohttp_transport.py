@@ -51,8 +51,7 @@ class Server:
 
 
 def answer(body: bytes, status: str = "200 OK", content_type: str = "application/json") -> bytes:
-    return (f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
-            + body)
+    return f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
 
 
 def chunk(data: bytes) -> bytes:

@@ -41,11 +41,15 @@ BIG_G1 = dict(max_model_len=2048, dtype="float32")
 def workload(seed: int) -> tuple[list[str], list[tuple[int, str, str | None]]]:
     """The prompts, and per step what happens: ``(step, "add", prompt)`` or ``(step, "abort", None)``."""
     rng = np.random.default_rng(seed)
-    docs = [f"Seed {seed} document {i}: " + " ".join(f"d{i}t{j}" for j in range(int(rng.integers(40, 110))))
-            for i in range(6)]
+    docs = [
+        f"Seed {seed} document {i}: " + " ".join(f"d{i}t{j}" for j in range(int(rng.integers(40, 110))))
+        for i in range(6)
+    ]
     prompts = list(docs)
-    prompts += [d + f" Follow-up {k}: " + " ".join(f"f{k}u{j}" for j in range(int(rng.integers(10, 50))))
-                for k, d in enumerate(rng.choice(docs, 8))]
+    prompts += [
+        d + f" Follow-up {k}: " + " ".join(f"f{k}u{j}" for j in range(int(rng.integers(10, 50))))
+        for k, d in enumerate(rng.choice(docs, 8))
+    ]
     prompts += [f"One-off {k}: " + " ".join(f"o{k}z{j}" for j in range(int(rng.integers(5, 60)))) for k in range(6)]
     events: list[tuple[int, str, str | None]] = []
     for step in range(STEPS):
@@ -95,12 +99,25 @@ def reference(make_engine, tiny_model):
 
 
 def chaos_engine(make_engine, tiny_model, g3_dir, sync_loads: bool):
-    extra = {"g2_capacity_blocks": 96, "g3_dir": str(g3_dir), "g3_capacity_bytes": "32MiB",
-             "transfer_thread": False, "sync_loads": sync_loads, "async_load_min_blocks": 2}
-    config = {"kv_connector": "TransientFaultConnector", "kv_connector_module_path": "fault_connectors",
-              "kv_role": "kv_both", "kv_connector_extra_config": extra}
-    return make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, num_gpu_blocks_override=40,
-                                      max_model_len=1024, dtype="float32"))
+    extra = {
+        "g2_capacity_blocks": 96,
+        "g3_dir": str(g3_dir),
+        "g3_capacity_bytes": "32MiB",
+        "transfer_thread": False,
+        "sync_loads": sync_loads,
+        "async_load_min_blocks": 2,
+    }
+    config = {
+        "kv_connector": "TransientFaultConnector",
+        "kv_connector_module_path": "fault_connectors",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
+    return make_engine(
+        EngineSettings(
+            model=tiny_model, kv_transfer_config=config, num_gpu_blocks_override=40, max_model_len=1024, dtype="float32"
+        )
+    )
 
 
 def connector_stats(llm) -> dict:
@@ -108,8 +125,9 @@ def connector_stats(llm) -> dict:
 
 
 @pytest.mark.parametrize("seed, sync_loads", RUNS, ids=[f"{s}-{'sync' if y else 'async'}" for s, y in RUNS])
-def test_no_transient_fault_leaves_a_wrong_token(make_engine, tiny_model, reference, tmp_path, monkeypatch,
-                                                 seed, sync_loads):
+def test_no_transient_fault_leaves_a_wrong_token(
+    make_engine, tiny_model, reference, tmp_path, monkeypatch, seed, sync_loads
+):
     flaky = FlakyOs(seed, rate=0.15)
     monkeypatch.setattr(disk_store, "os", flaky)
     FAULTS.reset(seed, load_rate=0.6, store_rate=0.05)
@@ -157,9 +175,11 @@ def test_no_transient_fault_leaves_a_wrong_token(make_engine, tiny_model, refere
         step_until(llm, lambda outputs: check(outputs) or not engine.has_unfinished_requests())
         injected = FAULTS.failed_loads + FAULTS.corrupted_stores + flaky.failures
         preempted = sum(preemptions.values())
-        print(f"seed {seed}: {finished} finished, {aborted} aborted, {preempted} preemptions; faults: "
-              f"{FAULTS.failed_loads} failed loads, {FAULTS.corrupted_stores} corrupt stores, "
-              f"{flaky.failures} G3 EIO; kvbm: {connector_stats(llm)['tiers']}")
+        print(
+            f"seed {seed}: {finished} finished, {aborted} aborted, {preempted} preemptions; faults: "
+            f"{FAULTS.failed_loads} failed loads, {FAULTS.corrupted_stores} corrupt stores, "
+            f"{flaky.failures} G3 EIO; kvbm: {connector_stats(llm)['tiers']}"
+        )
         assert injected > 0 and finished > 20 and aborted > 0, (injected, finished, aborted)
         assert not wrong, f"{len(wrong)} of {finished} outputs differ from vLLM alone during faults: {wrong}"
 

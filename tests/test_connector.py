@@ -39,8 +39,11 @@ PROMPTS = (
 
 
 def kvbm_config(**extra):
-    return {"kv_connector": "KVBMConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"g2_capacity_blocks": 512, **extra}}
+    return {
+        "kv_connector": "KVBMConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"g2_capacity_blocks": 512, **extra},
+    }
 
 
 def tokens(outputs):
@@ -170,8 +173,11 @@ def generate_beside_a_running_request(llm, prompts) -> list:
 
 
 def test_large_loads_are_asynchronous_only_beside_running_requests(make_engine, tiny_model, reference):
-    llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
-                                     kv_transfer_config=kvbm_config(sync_loads=True, async_load_min_blocks=2)))
+    llm = make_engine(
+        EngineSettings(
+            model=tiny_model, **SMALL_G1, kv_transfer_config=kvbm_config(sync_loads=True, async_load_min_blocks=2)
+        )
+    )
     assert tokens(llm.generate(PROMPTS, greedy())) == reference
     modes = record_load_modes(llm)
     onboarded = g2_stats(llm)["blocks_onboarded"]
@@ -263,8 +269,7 @@ def test_corrupted_g3_files_are_recomputed_and_counted(make_engine, tiny_model, 
 
 
 def test_stats_endpoint_serves_json_and_prometheus(make_engine, tiny_model):
-    llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
-                                     kv_transfer_config=kvbm_config(stats_port=0)))
+    llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1, kv_transfer_config=kvbm_config(stats_port=0)))
     llm.generate(PROMPTS[:2], greedy())
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
     base = f"http://127.0.0.1:{connector.stats_port}"
@@ -305,12 +310,15 @@ def test_router_index_hashes_prompts_like_the_worker(make_engine, tiny_model):
     assert index.published("w") == ()
 
 
-@pytest.mark.parametrize("extra, field", [
-    ({"g2_capacity_blockz": 10}, "g2_capacity_blockz"),
-    ({"offload_policy": "sometimes"}, "offload_policy"),
-    ({"g2_capacity_blocks": 0}, "g2_capacity_blocks"),
-    ({"async_load_min_blocks": "many"}, "async_load_min_blocks"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"g2_capacity_blockz": 10}, "g2_capacity_blockz"),
+        ({"offload_policy": "sometimes"}, "offload_policy"),
+        ({"g2_capacity_blocks": 0}, "g2_capacity_blocks"),
+        ({"async_load_min_blocks": "many"}, "async_load_min_blocks"),
+    ],
+)
 def test_bad_extra_config_stops_the_engine_with_the_field_named(make_engine, tiny_model, extra, field):
     config = {"kv_connector": "KVBMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
     with pytest.raises(ConfigError, match=field):

@@ -15,9 +15,12 @@ pytestmark = pytest.mark.slow
 
 def test_demo_serves_disaggregated_completions_and_stops(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "kvbm.serving", "demo", "--log-dir", str(tmp_path),
-         "--max-tokens", "8"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [sys.executable, "-m", "kvbm.serving", "demo", "--log-dir", str(tmp_path), "--max-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     completions = [line for line in lines if re.match(r"\[\d\] completion: ", line)]
@@ -36,6 +39,9 @@ def test_demo_serves_disaggregated_completions_and_stops(tmp_path):
 def test_demo_refuses_an_unknown_model():
     result = subprocess.run(
         [sys.executable, "-m", "kvbm.serving", "demo", "--model", "nonexistent"],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "'nonexistent' is neither a preset" in result.stderr

@@ -37,16 +37,16 @@ PROMPTS = [
 
 
 def connector(worker: str, stats_port: int | None = None, **remote) -> dict:
-    extra = {"g2_capacity_blocks": 256, "remote": {"worker": worker, "lease_s": LEASE_S, "heartbeat_s": 2.0,
-                                                   **remote}}
+    extra = {"g2_capacity_blocks": 256, "remote": {"worker": worker, "lease_s": LEASE_S, "heartbeat_s": 2.0, **remote}}
     if stats_port is not None:
         extra["stats_port"] = stats_port
     return {"kv_connector": "KVBMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
 
 
 def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as reply:
         return json.load(reply)
 
@@ -66,16 +66,26 @@ class Prefill:
 
 
 def prefill(worker: Prefill, prompt: str) -> dict | None:
-    reply = post(worker.server.url, {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                              "kv_transfer_params": {"do_remote_decode": True}})
+    reply = post(
+        worker.server.url,
+        {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0,
+            "kv_transfer_params": {"do_remote_decode": True},
+        },
+    )
     return reply.get("kv_transfer_params")
 
 
 def decode(llm, prompts: list[str], params: list[dict | None]):
     from vllm import SamplingParams
 
-    sampling = [SamplingParams(temperature=0.0, max_tokens=24, extra_args={"kv_transfer_params": p} if p else None)
-                for p in params]
+    sampling = [
+        SamplingParams(temperature=0.0, max_tokens=24, extra_args={"kv_transfer_params": p} if p else None)
+        for p in params
+    ]
     return llm.generate(prompts, sampling)
 
 
@@ -89,8 +99,10 @@ def first_steps(llm):
 
     def recording(scheduler_output):
         for new in scheduler_output.scheduled_new_reqs:
-            seen[tuple(new.prompt_token_ids)] = (new.num_computed_tokens,
-                                                 scheduler_output.num_scheduled_tokens[new.req_id])
+            seen[tuple(new.prompt_token_ids)] = (
+                new.num_computed_tokens,
+                scheduler_output.num_scheduled_tokens[new.req_id],
+            )
         return build(scheduler_output)
 
     connector.build_connector_meta = recording
@@ -172,8 +184,11 @@ def test_unclaimed_hold_ends_at_lease(prefill_server):
     before = prefill_server.holds()
     params = prefill(prefill_server, PROMPTS[1] + " never decoded")
     assert params is not None
-    holds = wait_for(lambda: (h := prefill_server.holds())["unclaimed"] > before["unclaimed"] and h,
-                     "the unclaimed hold to end", limit_s=LEASE_S * 10)
+    holds = wait_for(
+        lambda: (h := prefill_server.holds())["unclaimed"] > before["unclaimed"] and h,
+        "the unclaimed hold to end",
+        limit_s=LEASE_S * 10,
+    )
     assert holds["holding"] == 0
 
 
@@ -196,12 +211,18 @@ def test_a_decode_request_aborted_before_it_ran_releases_its_grant(prefill_serve
     params = prefill(prefill_server, prompt)
     assert params["kvbm"]["grant"] is not None
     engine = decode_engine.llm_engine
-    engine.add_request("gone-before-scheduled", prompt,
-                       SamplingParams(temperature=0.0, max_tokens=4, extra_args={"kv_transfer_params": params}))
+    engine.add_request(
+        "gone-before-scheduled",
+        prompt,
+        SamplingParams(temperature=0.0, max_tokens=4, extra_args={"kv_transfer_params": params}),
+    )
     engine.abort_request(["gone-before-scheduled"])  # the external id: vLLM maps it
     decode(decode_engine, ["the next request's step carries the release"], [None])
-    holds = wait_for(lambda: (h := prefill_server.holds())["read"] > before["read"] and h,
-                     "the aborted request's grant to be released", limit_s=LEASE_S * 0.8)
+    holds = wait_for(
+        lambda: (h := prefill_server.holds())["read"] > before["read"] and h,
+        "the aborted request's grant to be released",
+        limit_s=LEASE_S * 0.8,
+    )
     assert holds["unclaimed"] == before["unclaimed"]
 
 
@@ -229,8 +250,11 @@ def test_bad_handoffs_recompute(prefill_server, decode_engine):
     bad_grant = json.loads(json.dumps(good[2]))
     bad_grant["kvbm"]["grant"]["checksums"] = "!"
     before = remote_stats(decode_engine)["pulls"]
-    outputs = decode(decode_engine, prompts * 2, [wrong_hash, redirected(good[1], dead), malformed,
-                                                   bad_grant, redirected(good[1], dead, grant=False), None])
+    outputs = decode(
+        decode_engine,
+        prompts * 2,
+        [wrong_hash, redirected(good[1], dead), malformed, bad_grant, redirected(good[1], dead, grant=False), None],
+    )
     after = remote_stats(decode_engine)["pulls"]
     # Only the dead peers were tried (granted and by hash); each failed as unreachable and its
     # blocks were recomputed.
@@ -345,8 +369,9 @@ def test_silent_and_garbage_peers_fail_by_their_deadline_and_recompute(prefill_s
         silent.close()
         garbage.close()
     assert after["jobs_failed"] == before["jobs_failed"] + 4
-    failures = {k: n - before["failures"].get(k, 0) for k, n in after["failures"].items()
-                if n > before["failures"].get(k, 0)}  # kinds earlier tests counted stay in the dict
+    failures = {
+        k: n - before["failures"].get(k, 0) for k, n in after["failures"].items() if n > before["failures"].get(k, 0)
+    }  # kinds earlier tests counted stay in the dict
     assert sum(failures.values()) == 4 and set(failures) <= {"unreachable", "deadline"}, failures
     assert tokens(outputs) == tokens(decode(decode_engine, prompts * 2, [None] * 4))
 
@@ -359,7 +384,6 @@ def test_dead_prefill_means_recompute(prefill_server, decode_engine):
     outputs = decode(decode_engine, [prompt], [params])
     assert remote_stats(decode_engine)["pulls"]["jobs_failed"] == before + 1
     assert tokens(outputs) == tokens(decode(decode_engine, [prompt], [None]))
-
 
 
 def test_an_abort_mid_pull_keeps_the_blocks_until_the_pull_ends(make_engine, tiny_model, gated_loads):
@@ -376,30 +400,35 @@ def test_an_abort_mid_pull_keeps_the_blocks_until_the_pull_ends(make_engine, tin
 
     config = connector("decode-abort", pull_deadline_s=3.0)
     config["kv_connector_extra_config"]["async_load_min_blocks"] = 1
-    llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, num_gpu_blocks_override=80,
-                                     **SETTINGS))
+    llm = make_engine(
+        EngineSettings(model=tiny_model, kv_transfer_config=config, num_gpu_blocks_override=80, **SETTINGS)
+    )
     ids = llm.get_tokenizer()("Abort mid-pull: " + "the decode gives up while NIXL writes " * 60)["input_ids"]
     assert len(ids) > 17 * BLOCK
     gated_loads.set()
     llm.generate([TokensPrompt(prompt_token_ids=ids[: 8 * BLOCK + 5])], greedy(1))  # blocks 0-7 reach G2
     llm.generate([f"Filler {i} " + "xyzzy plugh " * 150 for i in range(2)], greedy(1))  # and leave G1
-    hashes = BlockHasher(layout_fingerprint(llm.llm_engine.vllm_config)).hash_prompt(
-        np.asarray(ids[: 16 * BLOCK], dtype=np.int32)).hashes
+    hashes = (
+        BlockHasher(layout_fingerprint(llm.llm_engine.vllm_config))
+        .hash_prompt(np.asarray(ids[: 16 * BLOCK], dtype=np.int32))
+        .hashes
+    )
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the pull hangs
     params = Handoff("127.0.0.1:%d" % silent.getsockname()[1], 16, hashes[15]).to_params()
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     try:
         gated_loads.clear()
-        aborted = llm.llm_engine.add_request("aborted", TokensPrompt(prompt_token_ids=ids[: 16 * BLOCK + 10]),
-                                   SamplingParams(temperature=0.0, max_tokens=8,
-                                                  extra_args={"kv_transfer_params": params}))
+        aborted = llm.llm_engine.add_request(
+            "aborted",
+            TokensPrompt(prompt_token_ids=ids[: 16 * BLOCK + 10]),
+            SamplingParams(temperature=0.0, max_tokens=8, extra_args={"kv_transfer_params": params}),
+        )
         for _ in range(3):
             llm.llm_engine.step()
         assert scheduler.requests[aborted].status.name == "WAITING_FOR_REMOTE_KVS"
         llm.llm_engine.abort_request(["aborted"])
         gated_loads.set()  # the local part of the load ends now; the pull runs to its deadline
-        step_until(llm, lambda _: remote_stats(llm)["pulls"]["in_flight"] == 0
-                   or aborted not in scheduler.requests)
+        step_until(llm, lambda _: remote_stats(llm)["pulls"]["in_flight"] == 0 or aborted not in scheduler.requests)
         assert remote_stats(llm)["pulls"]["in_flight"] == 0, "freed while its pull could still write"
         step_until(llm, lambda _: aborted not in scheduler.requests)
     finally:

@@ -8,16 +8,29 @@ from bench import disagg_load as dl
 
 
 def row(setup: str, tok_s: float, ttft: tuple[float, float], itl: tuple[float, float], **extra) -> dict:
-    return {"model": "tiny", "streams": 16, "setup": setup, "name": dl.SETUPS[setup].name,
-            "output_tok_s": tok_s, "ttft_p50_ms": ttft[0], "ttft_p99_ms": ttft[1],
-            "itl_p50_ms": itl[0], "itl_p99_ms": itl[1], "request_errors": 0, "notes": "", **extra}
+    return {
+        "model": "tiny",
+        "streams": 16,
+        "setup": setup,
+        "name": dl.SETUPS[setup].name,
+        "output_tok_s": tok_s,
+        "ttft_p50_ms": ttft[0],
+        "ttft_p99_ms": ttft[1],
+        "itl_p50_ms": itl[0],
+        "itl_p99_ms": itl[1],
+        "request_errors": 0,
+        "notes": "",
+        **extra,
+    }
 
 
 def group(kvbm: dict | None = None, nixl: dict | None = None) -> list[dict]:
-    rows = [row(dl.VLLM, 200, (40, 80), (10, 20)),
-            row(dl.KVBM_AGG, 180, (50, 100), (12, 30), recomputed_blocks=0),
-            kvbm or row(dl.KVBM_1P1D, 160, (60, 115), (11, 25), failed_pulls=0, recomputed_blocks=0, not_handed_off=0),
-            nixl or row(dl.NIXL_1P1D, 120, (90, 200), (15, 40), failed_pulls=0, recomputed_blocks=None)]
+    rows = [
+        row(dl.VLLM, 200, (40, 80), (10, 20)),
+        row(dl.KVBM_AGG, 180, (50, 100), (12, 30), recomputed_blocks=0),
+        kvbm or row(dl.KVBM_1P1D, 160, (60, 115), (11, 25), failed_pulls=0, recomputed_blocks=0, not_handed_off=0),
+        nixl or row(dl.NIXL_1P1D, 120, (90, 200), (15, 40), failed_pulls=0, recomputed_blocks=None),
+    ]
     return rows
 
 
@@ -36,8 +49,13 @@ def test_every_goal_met():
 def test_thresholds_are_against_kvbm_aggregated():
     kvbm = row(dl.KVBM_1P1D, 143, (60, 121), (11, 31), failed_pulls=0, not_handed_off=0)  # 0.79x, 1.21x, 1.03x
     goals = goals_of(group(kvbm=kvbm))
-    assert goals == {"clean": True, "tok/s ≥0.8x": False, "ITL p99 ≤1x": False, "TTFT p99 ≤1.2x": False,
-                     "beats NIXL": True}
+    assert goals == {
+        "clean": True,
+        "tok/s ≥0.8x": False,
+        "ITL p99 ≤1x": False,
+        "TTFT p99 ≤1.2x": False,
+        "beats NIXL": True,
+    }
 
 
 def test_failed_pulls_unhanded_requests_and_errors_are_not_clean():
@@ -55,8 +73,13 @@ def test_behind_nixl_on_one_figure_misses_and_names_it():
 
 def test_missing_or_failed_baselines_are_not_judged():
     rows = group()
-    rows[1] = {"model": "tiny", "streams": 16, "setup": dl.KVBM_AGG, "name": "kvbm aggregated x2",
-               "error": "ServerStartError: worker w1 did not start\nlog tail"}
+    rows[1] = {
+        "model": "tiny",
+        "streams": 16,
+        "setup": dl.KVBM_AGG,
+        "name": "kvbm aggregated x2",
+        "error": "ServerStartError: worker w1 did not start\nlog tail",
+    }
     del rows[3]
     goals = goals_of(rows)
     assert goals["tok/s ≥0.8x"] is None and goals["beats NIXL"] is None
@@ -82,10 +105,24 @@ def cells(line: str) -> list[str]:
 
 
 def test_markdown_and_plot(tmp_path):
-    results = {"command": "python -m bench.disagg_load --quick", "quick": True, "started": "t0", "finished": "t1",
-               "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 24, "gpus": [], "cuda": None, "torch": "2",
-                           "vllm": "0.32", "load_average": [1, 1, 1]},
-               "workloads": {"tiny, 16 streams": "32 queries"}, "rows": group()}
+    results = {
+        "command": "python -m bench.disagg_load --quick",
+        "quick": True,
+        "started": "t0",
+        "finished": "t1",
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "memory_gib": 24,
+            "gpus": [],
+            "cuda": None,
+            "torch": "2",
+            "vllm": "0.32",
+            "load_average": [1, 1, 1],
+        },
+        "workloads": {"tiny, 16 streams": "32 queries"},
+        "rows": group(),
+    }
     text = dl.markdown(results)
     assert "| model |" in text and "tiny, 16 streams: 32 queries" in text
     pytest.importorskip("matplotlib")
@@ -94,14 +131,26 @@ def test_markdown_and_plot(tmp_path):
 
 
 def test_handoff_figures_and_notes_from_counters():
-    counters = {"prefill": {}, "router": {"disaggregated": 30},
-                "decode": {"kvbm.remote.pulls.jobs_failed": 2, "kvbm.remote.pulls.blocks_failed": 16,
-                           "kvbm.remote.load_error_blocks": 16, "kvbm.remote.pulls.failures.timeout": 2,
-                           "kvbm.remote.pulls.failures.not_held": 0}}
+    counters = {
+        "prefill": {},
+        "router": {"disaggregated": 30},
+        "decode": {
+            "kvbm.remote.pulls.jobs_failed": 2,
+            "kvbm.remote.pulls.blocks_failed": 16,
+            "kvbm.remote.load_error_blocks": 16,
+            "kvbm.remote.pulls.failures.timeout": 2,
+            "kvbm.remote.pulls.failures.not_held": 0,
+        },
+    }
     spec = dl.SETUPS[dl.KVBM_1P1D]
     figures = dl.handoff_figures(spec, counters, sent=32)
-    assert figures == {"not_handed_off": 2, "failed_pulls": 2, "failed_pull_blocks": 16,
-                       "failure_kinds": {"timeout": 2}, "recomputed_blocks": 16}
+    assert figures == {
+        "not_handed_off": 2,
+        "failed_pulls": 2,
+        "failed_pull_blocks": 16,
+        "failure_kinds": {"timeout": 2},
+        "recomputed_blocks": 16,
+    }
     text = dl.notes(spec, {**figures, "skipped": 3, "load_average": [99.0, 1.0]}, counters, 240, cuda=0)
     assert "busy machine" in text and "3 requests not sent" in text and "timeout 2" in text
     assert dl.handoff_figures(dl.SETUPS[dl.VLLM], {"router": {}}, sent=32) == {}

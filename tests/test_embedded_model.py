@@ -11,8 +11,11 @@ from kvbm.serving.embedded_model import PRESETS, ensure_model
 
 
 def file_digests(directory):
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.iterdir()) if path.is_file()}
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+        if path.is_file()
+    }
 
 
 def test_same_seed_builds_the_same_files(tmp_path, tiny_model):
@@ -39,9 +42,15 @@ def test_tiny_shape_fits_the_cpu_backend(tiny_model):
 
 def test_bench_preset_is_the_design_shape():
     bench = PRESETS["bench"]
-    assert (bench.hidden_size, bench.num_layers, bench.num_heads, bench.num_kv_heads,
-            bench.head_dim, bench.intermediate_size, bench.vocab_size) == (
-        1024, 8, 16, 8, 64, 2816, 2048)
+    assert (
+        bench.hidden_size,
+        bench.num_layers,
+        bench.num_heads,
+        bench.num_kv_heads,
+        bench.head_dim,
+        bench.intermediate_size,
+        bench.vocab_size,
+    ) == (1024, 8, 16, 8, 64, 2816, 2048)
     kv_bytes_per_token = 2 * bench.num_layers * bench.num_kv_heads * bench.head_dim * 2
     assert kv_bytes_per_token == 16 * 1024
 

@@ -46,11 +46,16 @@ SPEC = dict(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.bfloat16
 
 
 def make_vllm_config(prompt_embeds: bool = False, **parallel: int) -> SimpleNamespace:
-    sizes = dict(tensor_parallel_size=1, pipeline_parallel_size=1, decode_context_parallel_size=1,
-                 prefill_context_parallel_size=1)
+    sizes = dict(
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        decode_context_parallel_size=1,
+        prefill_context_parallel_size=1,
+    )
     sizes.update(parallel)
-    return SimpleNamespace(model_config=SimpleNamespace(enable_prompt_embeds=prompt_embeds),
-                           parallel_config=SimpleNamespace(**sizes))
+    return SimpleNamespace(
+        model_config=SimpleNamespace(enable_prompt_embeds=prompt_embeds), parallel_config=SimpleNamespace(**sizes)
+    )
 
 
 def make_kv_cache_config(*specs) -> KVCacheConfig:
@@ -60,18 +65,26 @@ def make_kv_cache_config(*specs) -> KVCacheConfig:
 
 # -- check_supported ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", [FullAttentionSpec(**SPEC), FullAttentionSpec(**SPEC, sliding_window=128)],
-                         ids=["full", "full-recording-a-window"])
+
+@pytest.mark.parametrize(
+    "spec",
+    [FullAttentionSpec(**SPEC), FullAttentionSpec(**SPEC, sliding_window=128)],
+    ids=["full", "full-recording-a-window"],
+)
 def test_full_attention_is_served(spec) -> None:
     check_supported(make_vllm_config(), make_kv_cache_config(spec))
 
 
-@pytest.mark.parametrize("spec, match", [
-    (SlidingWindowSpec(**SPEC, sliding_window=128), r"SlidingWindowSpec \(sliding_window=128\)"),
-    (ChunkedLocalAttentionSpec(**SPEC, attention_chunk_size=256), r"attention_chunk_size=256"),
-    (MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=576, dtype=torch.bfloat16), "MLAAttentionSpec"),
-    (FullAttentionSpec(**SPEC, non_causal=True), "non_causal"),
-], ids=["sliding-window", "chunked-local", "mla", "non-causal"])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (SlidingWindowSpec(**SPEC, sliding_window=128), r"SlidingWindowSpec \(sliding_window=128\)"),
+        (ChunkedLocalAttentionSpec(**SPEC, attention_chunk_size=256), r"attention_chunk_size=256"),
+        (MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=576, dtype=torch.bfloat16), "MLAAttentionSpec"),
+        (FullAttentionSpec(**SPEC, non_causal=True), "non_causal"),
+    ],
+    ids=["sliding-window", "chunked-local", "mla", "non-causal"],
+)
 def test_other_attention_is_refused_naming_it(spec, match) -> None:
     with pytest.raises(UnsupportedEngineError, match=match):
         check_supported(make_vllm_config(), make_kv_cache_config(spec))
@@ -82,8 +95,10 @@ def test_prompt_embeds_are_refused_naming_the_setting() -> None:
         check_supported(make_vllm_config(prompt_embeds=True), make_kv_cache_config(FullAttentionSpec(**SPEC)))
 
 
-@pytest.mark.parametrize("parallel", ["tensor_parallel_size", "pipeline_parallel_size",
-                                      "decode_context_parallel_size", "prefill_context_parallel_size"])
+@pytest.mark.parametrize(
+    "parallel",
+    ["tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size", "prefill_context_parallel_size"],
+)
 def test_parallelism_is_refused_naming_the_setting(parallel) -> None:
     with pytest.raises(UnsupportedEngineError, match=f"{parallel}=2"):
         check_supported(make_vllm_config(**{parallel: 2}), make_kv_cache_config(FullAttentionSpec(**SPEC)))
@@ -96,6 +111,7 @@ def test_two_groups_are_refused() -> None:
 
 
 # -- layout fingerprint ------------------------------------------------------------------------
+
 
 def vllm_config_of(model: Path, **engine_args):
     from vllm.engine.arg_utils import EngineArgs
@@ -148,11 +164,15 @@ def test_a_hub_name_not_cached_here_is_named_by_its_revision() -> None:
     assert weights_identity("no-such-org/no-such-model", None) == "no-such-org/no-such-model@unpinned"
 
 
-@pytest.mark.parametrize("engine_args, field, value", [
-    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype", "fp8"),
-    (dict(hf_overrides={"rope_theta": 5000.0}), "hf_overrides", '{"rope_theta":5000.0}'),
-    (dict(attention_backend="CPU_ATTN"), "attention_backend", "CPU_ATTN"),
-], ids=["kv-cache-dtype", "hf-overrides", "attention-backend"])
+@pytest.mark.parametrize(
+    "engine_args, field, value",
+    [
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype", "fp8"),
+        (dict(hf_overrides={"rope_theta": 5000.0}), "hf_overrides", '{"rope_theta":5000.0}'),
+        (dict(attention_backend="CPU_ATTN"), "attention_backend", "CPU_ATTN"),
+    ],
+    ids=["kv-cache-dtype", "hf-overrides", "attention-backend"],
+)
 def test_engine_settings_that_change_kv_bytes_change_the_fingerprint(tiny_model, engine_args, field, value) -> None:
     plain = layout_fingerprint(vllm_config_of(tiny_model))
     changed = layout_fingerprint(vllm_config_of(tiny_model, **engine_args))
@@ -172,6 +192,7 @@ def test_quantization_is_in_the_fingerprint(tiny_model) -> None:
 
 
 # -- request extras ----------------------------------------------------------------------------
+
 
 def make_request(lora: LoRARequest | None = None, salt: str | None = None) -> SimpleNamespace:
     return SimpleNamespace(lora_request=lora, cache_salt=salt, mm_features=None)
@@ -201,20 +222,28 @@ def test_lora_and_salt_enter_only_the_first_block() -> None:
 
 # -- in engines --------------------------------------------------------------------------------
 
+
 def kvbm_config(**extra) -> dict:
-    return {"kv_connector": "KVBMConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"g2_capacity_blocks": 64, **extra}}
+    return {
+        "kv_connector": "KVBMConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"g2_capacity_blocks": 64, **extra},
+    }
 
 
-def test_an_engine_serves_its_full_fingerprint_and_recomputes_failed_loads(make_engine, tiny_model, tmp_path,
-                                                                          caplog):
+def test_an_engine_serves_its_full_fingerprint_and_recomputes_failed_loads(make_engine, tiny_model, tmp_path, caplog):
     """Scheduler and worker agree on the fingerprint (both open one G3 directory with it), it
     names the resolved KV layout and the weights, and the router can rebuild it from /layout.
     vLLM's default "fail" policy becomes "recompute", saying how to choose "fail"."""
     caplog.set_level(logging.INFO, logger="kvbm.connectors.vllm.connector")
-    llm = make_engine(EngineSettings(model=tiny_model, num_gpu_blocks_override=64, max_model_len=1024,
-                                     kv_transfer_config=kvbm_config(stats_port=0, g3_dir=str(tmp_path / "g3"),
-                                                                    g3_capacity_bytes="16MiB")))
+    llm = make_engine(
+        EngineSettings(
+            model=tiny_model,
+            num_gpu_blocks_override=64,
+            max_model_len=1024,
+            kv_transfer_config=kvbm_config(stats_port=0, g3_dir=str(tmp_path / "g3"), g3_capacity_bytes="16MiB"),
+        )
+    )
     assert len(llm.generate(["The quick brown fox " * 20], greedy(4))[0].outputs[0].token_ids) == 4
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
     with urllib.request.urlopen(f"http://127.0.0.1:{connector.stats_port}/layout", timeout=10) as response:
@@ -227,14 +256,20 @@ def test_an_engine_serves_its_full_fingerprint_and_recomputes_failed_loads(make_
 
 def test_kvbm_fail_against_vllms_recompute_stops_the_engine_naming_both(make_engine, tiny_model):
     transfer = {**kvbm_config(load_failure="fail"), "kv_load_failure_policy": "recompute"}
-    settings = EngineSettings(model=tiny_model, num_gpu_blocks_override=64, max_model_len=1024,
-                              kv_transfer_config=transfer)
+    settings = EngineSettings(
+        model=tiny_model, num_gpu_blocks_override=64, max_model_len=1024, kv_transfer_config=transfer
+    )
     with pytest.raises(ConfigError, match="'load_failure'.*kv_load_failure_policy"):
         make_engine(settings)
 
 
 def test_an_engine_with_prompt_embeds_is_refused_naming_the_setting(make_engine, tiny_model):
-    settings = EngineSettings(model=tiny_model, num_gpu_blocks_override=64, max_model_len=1024,
-                              enable_prompt_embeds=True, kv_transfer_config=kvbm_config())
+    settings = EngineSettings(
+        model=tiny_model,
+        num_gpu_blocks_override=64,
+        max_model_len=1024,
+        enable_prompt_embeds=True,
+        kv_transfer_config=kvbm_config(),
+    )
     with pytest.raises(UnsupportedEngineError, match="enable_prompt_embeds"):
         make_engine(settings)

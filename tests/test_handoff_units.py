@@ -29,9 +29,16 @@ def lease(ids, hashes, lease_id: int = 1) -> Lease:
 
 
 def grant(n: int, lease_id: int = 4) -> BlockGrant:
-    return BlockGrant(AgentName("prefill-0/ab12"), LeaseId(lease_id), Tier.G1, np.arange(10, 10 + n),
-                      np.arange(100, 100 + n, dtype=np.uint64), tuple(h(i) for i in range(1, n + 1)),
-                      lease_s=30.0, side_channel="127.0.0.1:5555")
+    return BlockGrant(
+        AgentName("prefill-0/ab12"),
+        LeaseId(lease_id),
+        Tier.G1,
+        np.arange(10, 10 + n),
+        np.arange(100, 100 + n, dtype=np.uint64),
+        tuple(h(i) for i in range(1, n + 1)),
+        lease_s=30.0,
+        side_channel="127.0.0.1:5555",
+    )
 
 
 class Clock:
@@ -64,8 +71,16 @@ def test_handoff_carries_its_grant():
     assert piece.lease_id == 4 and piece.block_ids.tolist() == [11, 12] and piece.hashes == (h(2), h(3))
 
 
-@pytest.mark.parametrize("bad", [lambda g: g.update(tier="g2"), lambda g: g.update(checksums="!"),
-                                 lambda g: g.update(hashes=""), lambda g: g.pop("lease_id"), lambda g: 5])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda g: g.update(tier="g2"),
+        lambda g: g.update(checksums="!"),
+        lambda g: g.update(hashes=""),
+        lambda g: g.pop("lease_id"),
+        lambda g: 5,
+    ],
+)
 def test_a_grant_that_does_not_name_the_handed_off_blocks_is_no_handoff(bad):
     params = Handoff("127.0.0.1:5555", 3, h(3)).to_params()
     entry = grant(3).to_dict()
@@ -76,13 +91,18 @@ def test_a_grant_that_does_not_name_the_handed_off_blocks_is_no_handoff(bad):
     assert Handoff.from_params(other) is None
 
 
-@pytest.mark.parametrize("entry", [
-    5, {}, {"source": "127.0.0.1:1", "num_blocks": 0, "last_hash": "00" * 16},
-    {"source": "127.0.0.1:1", "num_blocks": True, "last_hash": "00" * 16},
-    {"source": "no port", "num_blocks": 1, "last_hash": "00" * 16},
-    {"source": "127.0.0.1:1", "num_blocks": 1, "last_hash": "zz"},
-    {"source": "127.0.0.1:1", "num_blocks": 1, "last_hash": "00" * 8},
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        5,
+        {},
+        {"source": "127.0.0.1:1", "num_blocks": 0, "last_hash": "00" * 16},
+        {"source": "127.0.0.1:1", "num_blocks": True, "last_hash": "00" * 16},
+        {"source": "no port", "num_blocks": 1, "last_hash": "00" * 16},
+        {"source": "127.0.0.1:1", "num_blocks": 1, "last_hash": "zz"},
+        {"source": "127.0.0.1:1", "num_blocks": 1, "last_hash": "00" * 8},
+    ],
+)
 def test_malformed_handoff_is_none(entry):
     assert Handoff.from_params({"kvbm": entry}) is None
 
@@ -171,8 +191,9 @@ def test_duplicate_hold_and_length_mismatch_refused():
         held.hold("b", [h(1), h(2)], [10])
 
 
-@pytest.mark.parametrize("how, counted", [(LeaseEnd.RELEASED, "read"), (LeaseEnd.EXPIRED, "unclaimed"),
-                                           (LeaseEnd.REVOKED, "revoked")])
+@pytest.mark.parametrize(
+    "how, counted", [(LeaseEnd.RELEASED, "read"), (LeaseEnd.EXPIRED, "unclaimed"), (LeaseEnd.REVOKED, "revoked")]
+)
 def test_a_granted_hold_ends_exactly_with_its_lease(how, counted):
     clock = Clock()
     held = HeldBlocks(hold_s=5, clock=clock)

@@ -13,8 +13,7 @@ def load(wall_s: float, gap_s: float, requests: int = 4) -> LoadResult:
 
 
 def test_ratios_pool_rounds_and_spread_compares_each_round_with_vllm_in_the_same_round():
-    rows = hp.figures({"vllm": [load(1.0, 0.010), load(2.0, 0.010)],
-                       "kvbm-g2": [load(1.0, 0.010), load(4.0, 0.012)]})
+    rows = hp.figures({"vllm": [load(1.0, 0.010), load(2.0, 0.010)], "kvbm-g2": [load(1.0, 0.010), load(4.0, 0.012)]})
     kvbm = rows["kvbm-g2"]
     assert kvbm["tok_s_ratio"] == pytest.approx(3.0 / 5.0)  # 256 tokens / 5 s against / 3 s
     assert kvbm["tok_s_ratio_spread"] == pytest.approx([0.5, 1.0])
@@ -51,12 +50,17 @@ def test_rounds_rotate_the_order_and_each_round_has_its_own_documents():
     first, second = (hp.workload("hit", 1000, 8, n) for n in (0, 1))
     assert {r.prompt[:16] for r in first.requests}.isdisjoint({r.prompt[:16] for r in second.requests})
     cold = hp.workload("cold", 1000, 8, 0)
-    assert len({r.prompt[:hp.COLD_DOC_TOKENS] for r in cold.requests}) == 8  # no shared prefix
+    assert len({r.prompt[: hp.COLD_DOC_TOKENS] for r in cold.requests}) == 8  # no shared prefix
 
 
 def test_table_and_arguments():
-    group = {"model": "tiny", "streams": 16, "workload": "cold", "requests": 64,
-             "setups": hp.figures({"vllm": [load(1.0, 0.01)], "kvbm-g2": [load(1.1, 0.01)]})}
+    group = {
+        "model": "tiny",
+        "streams": 16,
+        "workload": "cold",
+        "requests": 64,
+        "setups": hp.figures({"vllm": [load(1.0, 0.01)], "kvbm-g2": [load(1.1, 0.01)]}),
+    }
     text = hp.table({"groups": [group]})
     assert "vLLM + kvbm G2" in text and "✗ tok/s >=0.97x" in text and "✓ ITL p50 <=1.05x" in text
     assert hp.parse_args(["--quick"]).rounds == 1 and hp.parse_args([]).streams == [1, 16, 64]

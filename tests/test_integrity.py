@@ -26,8 +26,7 @@ BIG_G1 = dict(max_model_len=2048, dtype="float32")
 # 14 documents of about 8 blocks: more than G1's 80 blocks together.
 DOCS = [f"Document {i} on subject {i * 7}: " + " ".join(f"w{i}x{j}" for j in range(90)) for i in range(14)]
 # New prompts extending each document by at least one full block.
-EXTENDED = [doc + " Then a question follows: " + " ".join(f"q{i}y{j}" for j in range(30))
-            for i, doc in enumerate(DOCS)]
+EXTENDED = [doc + " Then a question follows: " + " ".join(f"q{i}y{j}" for j in range(30)) for i, doc in enumerate(DOCS)]
 FILLERS = [f"Filler {i} " + "xyzzy plugh " * 150 for i in range(8)]
 
 
@@ -43,8 +42,11 @@ class Settings(EngineSettings):
 
 
 def kvbm_config(connector: str = "KVBMConnector", **extra) -> dict:
-    config = {"kv_connector": connector, "kv_role": "kv_both",
-              "kv_connector_extra_config": {"g2_capacity_blocks": 1024, **extra}}
+    config = {
+        "kv_connector": connector,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"g2_capacity_blocks": 1024, **extra},
+    }
     if connector != "KVBMConnector":
         config["kv_connector_module_path"] = "fault_connectors"
     return config
@@ -84,14 +86,16 @@ def faults():
 
 
 @pytest.mark.parametrize("sync_loads", [True, False], ids=["sync-loads", "async-loads"])
-def test_a_transient_partial_load_failure_stores_nothing_computed_on_it(make_engine, tiny_model, reference, faults,
-                                                                       sync_loads):
+def test_a_transient_partial_load_failure_stores_nothing_computed_on_it(
+    make_engine, tiny_model, reference, faults, sync_loads
+):
     config = kvbm_config("TransientFaultConnector", sync_loads=sync_loads)
     llm = make_engine(EngineSettings(model=tiny_model, kv_transfer_config=config, **SMALL_G1))
     tokenizer = llm.get_tokenizer()
     assert all(len(tokenizer(d)["input_ids"]) >= 6 * BLOCK for d in DOCS)
-    assert all(len(tokenizer(e)["input_ids"]) >= len(tokenizer(d)["input_ids"]) + 2 * BLOCK
-               for d, e in zip(DOCS, EXTENDED))
+    assert all(
+        len(tokenizer(e)["input_ids"]) >= len(tokenizer(d)["input_ids"]) + 2 * BLOCK for d, e in zip(DOCS, EXTENDED)
+    )
     assert tokens(llm.generate(DOCS, greedy())) == [reference[d] for d in DOCS]
     evict_g1(llm)
     # One block of every G2 -> G1 load fails while the new, longer prompts run on the documents.
@@ -110,8 +114,9 @@ def test_a_transient_partial_load_failure_stores_nothing_computed_on_it(make_eng
 
 
 def test_abort_during_an_asynchronous_local_load(make_engine, tiny_model, reference, gated_loads):
-    llm = make_engine(EngineSettings(model=tiny_model, **SMALL_G1,
-                                     kv_transfer_config=kvbm_config(async_load_min_blocks=2)))
+    llm = make_engine(
+        EngineSettings(model=tiny_model, **SMALL_G1, kv_transfer_config=kvbm_config(async_load_min_blocks=2))
+    )
     gated_loads.set()
     llm.generate(DOCS[:2], greedy())
     evict_g1(llm)
@@ -136,8 +141,12 @@ def test_abort_during_an_asynchronous_local_load(make_engine, tiny_model, refere
 def test_abort_mid_prefill_offers_only_written_blocks_on_eviction(make_engine, tiny_model, reference):
     """ON_EVICTION offers a finished request's blocks: an aborted prefill's partly written
     last block (chunked prefill stops mid-block) must not be stored."""
-    settings = Settings({"max_num_batched_tokens": 48, "enable_chunked_prefill": True}, model=tiny_model,
-                        kv_transfer_config=kvbm_config(offload_policy="on_eviction"), **SMALL_G1)
+    settings = Settings(
+        {"max_num_batched_tokens": 48, "enable_chunked_prefill": True},
+        model=tiny_model,
+        kv_transfer_config=kvbm_config(offload_policy="on_eviction"),
+        **SMALL_G1,
+    )
     llm = make_engine(settings)
     engine = llm.llm_engine
     aborted = engine.add_request("aborted", EXTENDED[3], greedy())
@@ -155,8 +164,15 @@ def test_a_preempted_request_that_finishes_offers_nothing_on_eviction(make_engin
     """vLLM freed a preempted request's blocks (others may hold them now): when it is aborted
     before resuming, ON_EVICTION must not store those blocks under its hashes."""
     # Four prompts of 15 blocks that keep growing do not fit in 68 blocks together.
-    llm = make_engine(EngineSettings(model=tiny_model, num_gpu_blocks_override=68, max_model_len=2048,
-                                     dtype="float32", kv_transfer_config=kvbm_config(offload_policy="on_eviction")))
+    llm = make_engine(
+        EngineSettings(
+            model=tiny_model,
+            num_gpu_blocks_override=68,
+            max_model_len=2048,
+            dtype="float32",
+            kv_transfer_config=kvbm_config(offload_policy="on_eviction"),
+        )
+    )
     engine, sched = llm.llm_engine, scheduler(llm)
     ids = {engine.add_request(str(i), DOCS[i], greedy(max_tokens=400)): str(i) for i in range(4)}
 
@@ -209,8 +225,9 @@ def tier_stats(llm, tier: str) -> dict:
     return scheduler(llm).connector.stats.to_dict()["tiers"][tier]
 
 
-def test_a_block_whose_g3_reads_keep_failing_is_dropped_and_computed(make_engine, tiny_model, reference,
-                                                                    tmp_path, monkeypatch):
+def test_a_block_whose_g3_reads_keep_failing_is_dropped_and_computed(
+    make_engine, tiny_model, reference, tmp_path, monkeypatch
+):
     bad = BadSector()
     monkeypatch.setattr(disk_store, "os", bad)
     # G2 of 48 blocks: a document's blocks leave it (for G3) once a filler has run.
@@ -264,15 +281,25 @@ def test_speculative_decoding_offloads_only_real_tokens(tiny_model):
     def kwargs(settings):
         return {k: str(v) if k == "model" else v for k, v in settings.llm_kwargs().items()}
 
-    ngram = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
-                                    "prompt_lookup_max": 3, "prompt_lookup_min": 1}}
+    ngram = {
+        "speculative_config": {
+            "method": "ngram",
+            "num_speculative_tokens": 3,
+            "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1,
+        }
+    }
     plain = EngineSettings(model=tiny_model, **SMALL_G1)
     spec = Settings(ngram, model=tiny_model, kv_transfer_config=kvbm_config(), **SMALL_G1)
     # Repetitive text, so ngram drafts are proposed and accepted; lengths that cross block
     # boundaries at different points of the generation.
     prompts = [f"Say it {i} times: " + "one two three four five " * (8 + 3 * i) for i in range(8)]
-    child = subprocess.run([sys.executable, "-c", SPEC_CHILD, json.dumps(kwargs(plain)), json.dumps(kwargs(spec)),
-                            json.dumps(prompts)], capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-c", SPEC_CHILD, json.dumps(kwargs(plain)), json.dumps(kwargs(spec)), json.dumps(prompts)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     assert child.returncode == 0 and lines, child.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))

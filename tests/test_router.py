@@ -58,8 +58,15 @@ def make_router():
     started: list[RouterServer] = []
 
     def make(workers=(), **overrides) -> RouterServer:
-        config = RouterConfig(**{"model_name": MODEL, "health_interval_s": 3600.0,
-                                 "request_timeout_s": 120.0, "queue_timeout_s": 2.0, **overrides})
+        config = RouterConfig(
+            **{
+                "model_name": MODEL,
+                "health_interval_s": 3600.0,
+                "request_timeout_s": 120.0,
+                "queue_timeout_s": 2.0,
+                **overrides,
+            }
+        )
         router = Router(config)
         for role, url in workers:
             router.add_worker(role, url)
@@ -73,13 +80,25 @@ def make_router():
 
 
 def completion_body(prompt: str, stream: bool = False) -> dict:
-    return {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 def chat_body(stream: bool = False) -> dict:
-    return {"model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    return {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 def post(url: str, path: str, body: dict) -> httpx.Response:
@@ -141,10 +160,12 @@ def test_completions_and_chat_equal_direct(servers, make_router, stream):
 def test_two_hop_prefill_then_decode_equals_direct(servers, make_router):
     prefill, decode = servers
     router = make_router([(WorkerRole.PREFILL, prefill.url), (WorkerRole.DECODE, decode.url)])
-    bodies = [("/v1/completions", completion_body(PROMPTS[0])),
-              ("/v1/completions", completion_body(PROMPTS[1], stream=True)),
-              ("/v1/chat/completions", chat_body()),
-              ("/v1/chat/completions", chat_body(stream=True))]
+    bodies = [
+        ("/v1/completions", completion_body(PROMPTS[0])),
+        ("/v1/completions", completion_body(PROMPTS[1], stream=True)),
+        ("/v1/chat/completions", chat_body()),
+        ("/v1/chat/completions", chat_body(stream=True)),
+    ]
     for path, body in bodies:
         assert text_of(post(router.url, path, body)) == text_of(post(decode.url, path, body))
     snapshot = stats(router)
@@ -159,8 +180,7 @@ def test_dead_prefill_worker_falls_back_to_aggregated(servers, make_router):
     dead = f"http://127.0.0.1:{free_port()}"
     router = make_router([(WorkerRole.PREFILL, dead), (WorkerRole.DECODE, servers[1].url)])
     body = completion_body(PROMPTS[0])
-    assert text_of(post(router.url, "/v1/completions", body)) == \
-        text_of(post(servers[1].url, "/v1/completions", body))
+    assert text_of(post(router.url, "/v1/completions", body)) == text_of(post(servers[1].url, "/v1/completions", body))
     snapshot = stats(router)
     assert snapshot["prefill_failures"] == 1
     assert [w["healthy"] for w in snapshot["workers"]] == [False, True]
@@ -185,8 +205,7 @@ INVALID = [
 def test_invalid_requests_are_4xx_and_router_stays_up(servers, make_router):
     router = make_router([(WorkerRole.DECODE, servers[1].url)], max_body_bytes=4096)
     for raw, status, code in INVALID:
-        reply = httpx.post(router.url + "/v1/completions", content=raw,
-                           headers={"content-type": "application/json"})
+        reply = httpx.post(router.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert reply.status_code == status, (raw[:40], reply.text)
         error = reply.json()["error"]
         assert error["code"] == code and error["message"] and error["type"]
@@ -252,8 +271,9 @@ def test_worker_answering_5xx_leaves_rotation_and_request_retries(servers, make_
     router = make_router([(WorkerRole.DECODE, failing.url), (WorkerRole.DECODE, servers[1].url)])
     for stream in (True, False):
         body = completion_body(PROMPTS[1], stream)
-        assert text_of(post(router.url, "/v1/completions", body)) == \
-            text_of(post(servers[1].url, "/v1/completions", body))
+        assert text_of(post(router.url, "/v1/completions", body)) == text_of(
+            post(servers[1].url, "/v1/completions", body)
+        )
     snapshot = stats(router)
     assert snapshot["retries"] == 1 and snapshot["errors"]["worker_failed"] == 1
     assert [(w["healthy"], w["in_flight"]) for w in snapshot["workers"]] == [(False, 0), (True, 0)]
@@ -310,8 +330,9 @@ def test_admin_token_required_when_configured(servers, make_router):
     for headers in ({}, {"authorization": "Bearer wrong-token"}):
         reply = httpx.get(router.url + "/admin/workers", headers=headers)
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "unauthorized"
-        reply = httpx.post(router.url + "/admin/workers", headers=headers,
-                           json={"role": "decode", "url": servers[0].url})
+        reply = httpx.post(
+            router.url + "/admin/workers", headers=headers, json={"role": "decode", "url": servers[0].url}
+        )
         assert reply.status_code == 401
     auth = {"authorization": f"Bearer {token}"}
     listed = httpx.get(router.url + "/admin/workers", headers=auth).json()

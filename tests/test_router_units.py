@@ -27,8 +27,15 @@ from kvbm.serving.forwarding import Forwarder
 from kvbm.serving.health import Health, ProbeVerdicts, check_health
 from kvbm.serving.router import Router
 from kvbm.serving.router_config import RouterConfig
-from kvbm.serving.router_stats import (ErrorKind, Hop, RouterStats, WorkerReply,
-                                       fetch_worker_stats, merge_worker_metrics, percentile)
+from kvbm.serving.router_stats import (
+    ErrorKind,
+    Hop,
+    RouterStats,
+    WorkerReply,
+    fetch_worker_stats,
+    merge_worker_metrics,
+    percentile,
+)
 from kvbm.serving.router_validation import Endpoint, RequestError, parse_request
 from kvbm.serving.routing import choose_by_load, choose_prefill, prefix_overlap
 from kvbm.serving.workers import DECODE_ROLES, WorkerPool, WorkerRole, WorkerState
@@ -49,24 +56,28 @@ def make_pool(*roles: WorkerRole) -> WorkerPool:
 
 # --- config -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"model_name": ""}, "model_name"),
-    ({"port": 70000}, "port"),
-    ({"port": True}, "port"),
-    ({"max_body_bytes": 0}, "max_body_bytes"),
-    ({"max_tokens_cap": -1}, "max_tokens_cap"),
-    ({"request_timeout_s": 0}, "request_timeout_s"),
-    ({"health_interval_s": -1.0}, "health_interval_s"),
-    ({"host": "0.0.0.0"}, "admin_token"),
-    ({"admin_token": "short"}, "admin_token"),
-    ({"queue_size": -1}, "queue_size"),
-    ({"queue_size": 2.5}, "queue_size"),
-    ({"queue_size": True}, "queue_size"),
-    ({"queue_timeout_s": 0}, "queue_timeout_s"),
-    ({"queue_timeout_s": float("nan")}, "queue_timeout_s"),
-    ({"queue_timeout_s": float("inf")}, "queue_timeout_s"),
-    ({"queue_timeout_s": "30"}, "queue_timeout_s"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"model_name": ""}, "model_name"),
+        ({"port": 70000}, "port"),
+        ({"port": True}, "port"),
+        ({"max_body_bytes": 0}, "max_body_bytes"),
+        ({"max_tokens_cap": -1}, "max_tokens_cap"),
+        ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"health_interval_s": -1.0}, "health_interval_s"),
+        ({"host": "0.0.0.0"}, "admin_token"),
+        ({"admin_token": "short"}, "admin_token"),
+        ({"queue_size": -1}, "queue_size"),
+        ({"queue_size": 2.5}, "queue_size"),
+        ({"queue_size": True}, "queue_size"),
+        ({"queue_timeout_s": 0}, "queue_timeout_s"),
+        ({"queue_timeout_s": float("nan")}, "queue_timeout_s"),
+        ({"queue_timeout_s": float("inf")}, "queue_timeout_s"),
+        ({"queue_timeout_s": "30"}, "queue_timeout_s"),
+    ],
+)
 def test_config_rejects_bad_field_by_name(overrides, field):
     with pytest.raises(ValueError, match=field):
         make_config(**overrides)
@@ -85,6 +96,7 @@ def test_config_non_loopback_with_token_is_valid():
 
 
 # --- validation ---------------------------------------------------------------------------
+
 
 def parse(body, endpoint=Endpoint.COMPLETIONS, **overrides) -> dict:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -106,36 +118,44 @@ def test_valid_bodies_pass_through_unchanged():
     assert parse({"model": MODEL, "prompt": [[1], [2, 3]]})["prompt"] == [[1], [2, 3]]
 
 
-@pytest.mark.parametrize("body, status, code, param", [
-    (b"{not json", 400, "invalid_json", None),
-    (b"\xff\xfe{}", 400, "invalid_utf8", None),
-    ([1, 2], 400, "invalid_type", None),
-    ({"prompt": "x"}, 400, "invalid_type", "model"),
-    ({"model": "gpt-9", "prompt": "x"}, 404, "model_not_found", "model"),
-    ({"model": MODEL}, 400, "missing_field", "prompt"),
-    ({"model": MODEL, "prompt": 5}, 400, "invalid_type", "prompt"),
-    ({"model": MODEL, "prompt": []}, 400, "invalid_type", "prompt"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": "4"}, 400, "invalid_type", "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "invalid_type", "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "invalid_value", "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "invalid_value", "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "invalid_type", "stream"),
-])
+@pytest.mark.parametrize(
+    "body, status, code, param",
+    [
+        (b"{not json", 400, "invalid_json", None),
+        (b"\xff\xfe{}", 400, "invalid_utf8", None),
+        ([1, 2], 400, "invalid_type", None),
+        ({"prompt": "x"}, 400, "invalid_type", "model"),
+        ({"model": "gpt-9", "prompt": "x"}, 404, "model_not_found", "model"),
+        ({"model": MODEL}, 400, "missing_field", "prompt"),
+        ({"model": MODEL, "prompt": 5}, 400, "invalid_type", "prompt"),
+        ({"model": MODEL, "prompt": []}, 400, "invalid_type", "prompt"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": "4"}, 400, "invalid_type", "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "invalid_type", "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "invalid_value", "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "invalid_value", "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "invalid_type", "stream"),
+    ],
+)
 def test_invalid_completion_bodies(body, status, code, param):
     error = refused(body)
     assert (error.status, error.code, error.param) == (status, code, param)
     assert error.as_json()["error"]["message"] == error.message and error.message
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": MODEL}, "messages"),
-    ({"model": MODEL, "messages": []}, "messages"),
-    ({"model": MODEL, "messages": ["hi"]}, "messages[0]"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
-     "max_completion_tokens"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL}, "messages"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": ["hi"]}, "messages[0]"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+            "max_completion_tokens",
+        ),
+    ],
+)
 def test_invalid_chat_bodies(body, param):
     assert refused(body, Endpoint.CHAT).param == param
 
@@ -146,6 +166,7 @@ def test_oversize_body_is_413():
 
 
 # --- worker pool --------------------------------------------------------------------------
+
 
 def test_pool_ids_roles_and_duplicates():
     pool = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE)
@@ -184,6 +205,7 @@ def test_unhealthy_worker_leaves_candidates_until_marked_back():
 
 
 # --- routing ------------------------------------------------------------------------------
+
 
 def test_prefix_overlap_stops_at_first_missing_block():
     assert prefix_overlap([1, 2, 3, 4], {1, 2, 4}) == 2
@@ -233,6 +255,7 @@ def test_choice_is_least_in_flight(loads):
 
 # --- stats --------------------------------------------------------------------------------
 
+
 def test_percentile_nearest_rank():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
@@ -269,8 +292,10 @@ def test_stats_json_and_prometheus():
 def test_worker_stats_render_as_json_entries_and_errors():
     pool = make_pool(WorkerRole.PREFILL, WorkerRole.DECODE)
     stats = RouterStats(window=3)
-    replies = {"w1": WorkerReply(True, '{"tiers": {"g2": {"hits": 3}}}'),
-               "w2": WorkerReply(False, "http://127.0.0.1:1/stats: ConnectError refused")}
+    replies = {
+        "w1": WorkerReply(True, '{"tiers": {"g2": {"hits": 3}}}'),
+        "w2": WorkerReply(False, "http://127.0.0.1:1/stats: ConnectError refused"),
+    }
     workers = stats.as_json(pool.all(), replies)["workers"]
     assert workers[0]["block_stats"] == {"tiers": {"g2": {"hits": 3}}}
     assert workers[1]["block_stats"] == {"error": "http://127.0.0.1:1/stats: ConnectError refused"}
@@ -330,6 +355,7 @@ def test_fetch_worker_stats_asks_only_live_workers_and_reports_failures():
 
 
 # --- launched workers -----------------------------------------------------------------------
+
 
 class FakeProcess:
     """A launched worker that comes up after ``polls`` polls (or fails at its first)."""
@@ -430,24 +456,33 @@ def test_admin_launch_without_launcher_or_with_bad_bodies_is_400():
         reply = client.post("/admin/workers", json={"role": "decode"})
         assert reply.status_code == 400 and reply.json()["error"]["code"] == "no_launcher"
         assert "serve command" in reply.json()["error"]["message"]
-        for body in ({"role": "decode", "stats_url": "http://127.0.0.1:1"},
-                     {"role": "decode", "url": "http://127.0.0.1:1", "port": 3}, {"url": "x"}, [1]):
+        for body in (
+            {"role": "decode", "stats_url": "http://127.0.0.1:1"},
+            {"role": "decode", "url": "http://127.0.0.1:1", "port": 3},
+            {"url": "x"},
+            [1],
+        ):
             reply = client.post("/admin/workers", json=body)
             assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_worker", body
-        added = client.post("/admin/workers", json={"role": "decode", "url": "http://127.0.0.1:1/",
-                                                    "stats_url": "http://127.0.0.1:2"})
+        added = client.post(
+            "/admin/workers", json={"role": "decode", "url": "http://127.0.0.1:1/", "stats_url": "http://127.0.0.1:2"}
+        )
         assert added.status_code == 201
         assert (added.json()["url"], added.json()["stats_url"]) == ("http://127.0.0.1:1", "http://127.0.0.1:2")
 
 
 # --- failures in forwarding ---------------------------------------------------------------
 
+
 def forward_once(answer, *roles: WorkerRole, stream: bool = False, clock=time.monotonic):
     """Forwards one completion over workers answering with ``answer(request)``; returns the
     response (or the RequestError), the pool and the stats."""
     pool, stats = make_pool(*roles), RouterStats(window=8)
-    body = parse_request(json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1, "stream": stream}).encode(),
-                         Endpoint.COMPLETIONS, make_config())
+    body = parse_request(
+        json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1, "stream": stream}).encode(),
+        Endpoint.COMPLETIONS,
+        make_config(),
+    )
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
@@ -480,8 +515,11 @@ def completion_answer(lost: set[str], failing_health: set[str]):
             seen.add(port)
             raise httpx.RemoteProtocolError("Server disconnected without sending a response", request=request)
         if json.loads(request.content).get("stream"):
-            return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                                  stream=httpx.ByteStream(f"data: from {port}\n\n".encode()))
+            return httpx.Response(
+                200,
+                headers={"content-type": "text/event-stream"},
+                stream=httpx.ByteStream(f"data: from {port}\n\n".encode()),
+            )
         return httpx.Response(200, json={"choices": [{"text": f"from {port}"}]})
 
     return answer
@@ -539,11 +577,10 @@ class TickingStream(httpx.AsyncByteStream):
 
 def test_every_chunk_a_worker_streams_is_recorded_as_its_progress():
     clock = Clock()
-    chunks = [b"data: {\"n\": 1}\n\n", b"data: {\"n\": 2}\n\n", b"data: [DONE]\n\n"]
+    chunks = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]
 
     def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              stream=TickingStream(clock, chunks))
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=TickingStream(clock, chunks))
 
     reply, pool, _ = forward_once(answer, WorkerRole.DECODE, stream=True, clock=clock)
     assert reply.status_code == 200 and reply.body == b"".join(chunks)
@@ -581,8 +618,14 @@ LAST_HASH = BlockHash(bytes(range(16)))
 
 
 # The prefill's grant of those two blocks: a release names its lease.
-GRANT = BlockGrant(AgentName("prefill-0/ab12"), LeaseId(7), Tier.G1, np.arange(2), np.zeros(2, dtype=np.uint64),
-                   (BlockHash(bytes(16)), LAST_HASH))
+GRANT = BlockGrant(
+    AgentName("prefill-0/ab12"),
+    LeaseId(7),
+    Tier.G1,
+    np.arange(2),
+    np.zeros(2, dtype=np.uint64),
+    (BlockHash(bytes(16)), LAST_HASH),
+)
 
 
 class FakePrefillSideChannel:
@@ -647,14 +690,16 @@ def disaggregated_answer(source: str, decode_answers: dict[int, httpx.Response |
 
 
 def vllm_error(status: int, message: str) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"message": message, "type": "BadRequestError",
-                                                  "param": None, "code": status}})
+    return httpx.Response(
+        status, json={"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+    )
 
 
 def ok_answer(stream: bool) -> httpx.Response:
     if stream:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              stream=httpx.ByteStream(b"data: decoded\n\n"))
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, stream=httpx.ByteStream(b"data: decoded\n\n")
+        )
     return httpx.Response(200, json={"choices": [{"text": "decoded"}]})
 
 
@@ -681,13 +726,15 @@ def test_a_decode_that_accepts_pulls_and_releases_itself(stream, side_channel, l
     assert (stats.disaggregated, stats.handoffs_released, stats.handoff_release_failures) == (1, 0, 0)
 
 
-@pytest.mark.parametrize("second, status, releases", [
-    (None, 502, [(LAST_HASH,)]),       # both refuse the connection: given up
-    (httpx.Response(500), 502, [(LAST_HASH,)]),
-    ("ok", 200, []),                   # the retry took it
-])
-def test_a_failed_decode_hop_releases_only_once_the_router_gives_up(second, status, releases,
-                                                                     side_channel, log):
+@pytest.mark.parametrize(
+    "second, status, releases",
+    [
+        (None, 502, [(LAST_HASH,)]),  # both refuse the connection: given up
+        (httpx.Response(500), 502, [(LAST_HASH,)]),
+        ("ok", 200, []),  # the retry took it
+    ],
+)
+def test_a_failed_decode_hop_releases_only_once_the_router_gives_up(second, status, releases, side_channel, log):
     decodes = {9001: None, 9002: ok_answer(False) if second == "ok" else second}
     answer = disaggregated_answer(side_channel.server.address, decodes, log)
     reply, _, stats = forward_once(answer, WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.DECODE)
@@ -738,18 +785,23 @@ def test_a_release_the_prefill_does_not_answer_is_counted_and_the_client_still_g
 
 # --- health --------------------------------------------------------------------------------
 
+
 def raises(error_type: type[httpx.HTTPError]):
     def answer(request: httpx.Request) -> httpx.Response:
         raise error_type("injected", request=request)
+
     return answer
 
 
-@pytest.mark.parametrize("answer, expected", [
-    (lambda request: httpx.Response(200), Health.UP),
-    (lambda request: httpx.Response(503), Health.DOWN),
-    (raises(httpx.ConnectError), Health.DOWN),
-    (raises(httpx.ReadTimeout), Health.SLOW),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (lambda request: httpx.Response(200), Health.UP),
+        (lambda request: httpx.Response(503), Health.DOWN),
+        (raises(httpx.ConnectError), Health.DOWN),
+        (raises(httpx.ReadTimeout), Health.SLOW),
+    ],
+)
 def test_a_health_check_tells_late_from_down(answer, expected):
     worker = make_pool(WorkerRole.DECODE).all()[0]
 
@@ -789,7 +841,10 @@ def test_a_launched_worker_whose_process_ended_is_failed_with_its_status():
     launcher.launched[worker.id].code = -9
     assert verdicts.process_ended(worker)
     assert (worker.state, worker.healthy, worker.error) == (
-        WorkerState.FAILED, False, "its process exited with status -9")
+        WorkerState.FAILED,
+        False,
+        "its process exited with status -9",
+    )
     assert pool.candidates([WorkerRole.DECODE]) == [added]
     pool.remove(worker.id)  # a failed worker can be forgotten
 
@@ -857,8 +912,7 @@ def test_a_worker_out_for_lateness_comes_back_when_its_peer_drains_but_not_one_o
     pool.drain(peer.id)  # draining: it takes no new request
     verdicts.apply(late, Health.SLOW)
     assert late.healthy and pool.candidates(DECODE_ROLES) == [late]
-    for out in (lambda: verdicts.apply(late, Health.DOWN),
-                lambda: pool.mark(late, False, "answered HTTP 500")):
+    for out in (lambda: verdicts.apply(late, Health.DOWN), lambda: pool.mark(late, False, "answered HTTP 500")):
         out()
         verdicts.apply(late, Health.SLOW)
         assert not late.healthy  # only an answer brings it back
@@ -882,12 +936,14 @@ async def until(condition) -> None:
 
 def answering(seen: list[str]):
     """Workers that answer every request, logging ``port path`` in ``seen``."""
+
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(f"{request.url.port} {request.url.path}")
         answer = {"choices": [{"text": f"from {request.url.port}"}]}
         if request.url.port == 9000:  # the prefill worker, when there is one
             answer["kv_transfer_params"] = {"do_remote_prefill": True}
         return httpx.Response(200, json=answer)
+
     return answer
 
 
@@ -961,8 +1017,10 @@ def test_a_full_queue_refuses_at_once_naming_its_size():
 
     error = asyncio.run(run())
     assert (error.status, error.code, error.type) == (503, "queue_full", "service_unavailable")
-    assert error.message == ("no decode or aggregated worker can take this request (w1 draining), "
-                             "and the admission queue is full (2 waiting); retry later")
+    assert error.message == (
+        "no decode or aggregated worker can take this request (w1 draining), "
+        "and the admission queue is full (2 waiting); retry later"
+    )
     assert (stats.queued, stats.queue_rejections, stats.queue_timeouts) == (2, 1, 0)
     assert (admission.depth, stats.queue_depth, stats.errors[ErrorKind.NO_WORKER]) == (0, 0, 1)
 
@@ -985,24 +1043,36 @@ def test_a_request_that_waits_past_the_timeout_gets_a_503_naming_the_wait():
 
     error = asyncio.run(run())
     assert (error.status, error.code, error.type) == (503, "no_worker", "service_unavailable")
-    assert error.message == ("waited 0.05 s for a healthy decode or aggregated worker; none came "
-                             "(w1 out of rotation, w2 draining)")
+    assert error.message == (
+        "waited 0.05 s for a healthy decode or aggregated worker; none came (w1 out of rotation, w2 draining)"
+    )
     assert (stats.queued, stats.queue_timeouts, stats.queue_rejections) == (1, 1, 0)
     assert (stats.queue_depth, stats.errors[ErrorKind.NO_WORKER]) == (0, 1)
 
 
-@pytest.mark.parametrize("queue, message, counter", [
-    ({"queue_size": 0}, "no decode or aggregated worker can take this request (none registered), "
-                        "and this router lets no request wait (queue_size 0)", "queue_rejections"),
-    ({"queue_timeout_s": 0.05}, "waited 0.05 s for a healthy decode or aggregated worker; none "
-                                "came (none registered)", "queue_timeouts"),
-])
+@pytest.mark.parametrize(
+    "queue, message, counter",
+    [
+        (
+            {"queue_size": 0},
+            "no decode or aggregated worker can take this request (none registered), "
+            "and this router lets no request wait (queue_size 0)",
+            "queue_rejections",
+        ),
+        (
+            {"queue_timeout_s": 0.05},
+            "waited 0.05 s for a healthy decode or aggregated worker; none came (none registered)",
+            "queue_timeouts",
+        ),
+    ],
+)
 def test_the_router_answers_an_unplaceable_request_with_a_503_and_counts_it(queue, message, counter):
     with TestClient(Router(make_config(health_interval_s=3600.0, **queue)).app) as client:
         reply = client.post("/v1/completions", json=COMPLETION)
         assert reply.status_code == 503
-        assert reply.json() == {"error": {"message": message, "type": "service_unavailable",
-                                          "code": "no_worker", "param": None}}
+        assert reply.json() == {
+            "error": {"message": message, "type": "service_unavailable", "code": "no_worker", "param": None}
+        }
         snapshot = client.get("/stats").json()
         assert snapshot[counter] == 1 and snapshot["queue_depth"] == 0
         assert snapshot["queued"] == int(counter == "queue_timeouts")

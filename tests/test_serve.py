@@ -28,8 +28,7 @@ from test_router import CHAT_TEMPLATE, chat_body, completion_body, post, text_of
 
 from kvbm.serving.__main__ import build_parser, router_fields
 from kvbm.serving.router_config import RouterConfig
-from kvbm.serving.serve import (ServeOptions, ServeStack, connector_config, cpu_groups,
-                                signals_interrupt)
+from kvbm.serving.serve import ServeOptions, ServeStack, connector_config, cpu_groups, signals_interrupt
 from kvbm.serving.server_process import VLLMServer, parse_cpus
 from kvbm.serving.sse import data_of
 from kvbm.serving.vllm_settings import EngineSettings
@@ -39,18 +38,23 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
 # Several 32-token blocks each, so the decode worker has blocks to pull.
-LONG_PROMPTS = ["def main(argv):\n" + "    parser.add_argument('--flag', default=None)\n" * 8,
-                "The quick brown fox jumps over the lazy dog. " * 16]
+LONG_PROMPTS = [
+    "def main(argv):\n" + "    parser.add_argument('--flag', default=None)\n" * 8,
+    "The quick brown fox jumps over the lazy dog. " * 16,
+]
 POLLS = 1200
 POLL_S = 0.25
 
 
 # --- without servers ----------------------------------------------------------------------
 
+
 def test_each_worker_gets_the_connector_with_its_own_id_and_stats_port():
     assert connector_config("w3", 4567, 4568) == {
-        "kv_connector": "KVBMConnector", "kv_role": "kv_both",
-        "kv_connector_extra_config": {"remote": {"worker": "w3", "side_channel_port": 4568}, "stats_port": 4567}}
+        "kv_connector": "KVBMConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"remote": {"worker": "w3", "side_channel_port": 4568}, "stats_port": 4567},
+    }
 
 
 def test_cpu_groups_give_each_worker_its_own_cores():
@@ -64,6 +68,7 @@ def test_cpu_groups_give_each_worker_its_own_cores():
 def test_an_interrupt_dropped_inside_a_finalizer_still_stops_the_start():
     """Python drops an exception raised in a weakref callback; a signal handled there must not
     be lost (CI once saw serve ignore its SIGTERM and start up fully)."""
+
     class Collected:
         pass
 
@@ -110,6 +115,7 @@ def test_options_roles_and_validation(tmp_path):
 
 # --- the command line ---------------------------------------------------------------------
 
+
 def test_serve_queue_flags_set_the_routers_admission_queue(capsys):
     parser = build_parser()
     args = parser.parse_args(["serve", "--queue-size", "8", "--queue-timeout-s", "2.5"])
@@ -117,11 +123,17 @@ def test_serve_queue_flags_set_the_routers_admission_queue(capsys):
     assert (config.queue_size, config.queue_timeout_s) == (8, 2.5)
     defaults = RouterConfig(model_name=MODEL, **router_fields(parser.parse_args(["serve"])))
     assert (defaults.queue_size, defaults.queue_timeout_s) == (256, 30.0)
-    assert RouterConfig(model_name=MODEL, **router_fields(parser.parse_args(
-        ["serve", "--queue-size", "0"]))).queue_size == 0
-    for flag, value in (("--queue-size", "-1"), ("--queue-size", "many"),
-                        ("--queue-timeout-s", "0"), ("--queue-timeout-s", "inf"),
-                        ("--queue-timeout-s", "soon")):
+    assert (
+        RouterConfig(model_name=MODEL, **router_fields(parser.parse_args(["serve", "--queue-size", "0"]))).queue_size
+        == 0
+    )
+    for flag, value in (
+        ("--queue-size", "-1"),
+        ("--queue-size", "many"),
+        ("--queue-timeout-s", "0"),
+        ("--queue-timeout-s", "inf"),
+        ("--queue-timeout-s", "soon"),
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", flag, value])
         assert f"argument {flag}: expected" in capsys.readouterr().err, (flag, value)
@@ -162,8 +174,7 @@ def no_process_left(marker: str) -> list[str]:
 def serve_command(tmp_path: Path, *flags: str) -> tuple[list[str], dict, str]:
     """(argv, env, marker) of ``kvbm serve`` with its logs under ``tmp_path``."""
     marker = f"kvbm-test-{uuid.uuid4()}"
-    argv = [sys.executable, "-m", "kvbm.serving", "serve", "--log-dir", str(tmp_path / "logs"),
-            "--port", "0", *flags]
+    argv = [sys.executable, "-m", "kvbm.serving", "serve", "--log-dir", str(tmp_path / "logs"), "--port", "0", *flags]
     return argv, {**os.environ, "PYTHONUNBUFFERED": "1", "KVBM_TEST_MARKER": marker}, marker
 
 
@@ -222,6 +233,7 @@ def test_serve_answers_until_sigterm_then_leaves_no_process(tmp_path):
 
 # --- one shared stack ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Served:
     stack: ServeStack
@@ -233,8 +245,9 @@ class Served:
 
     def workers(self, role: str) -> list[dict]:
         """The active workers in ``role``, as the admin API lists them."""
-        return [w for w in httpx.get(self.url + "/admin/workers").json()
-                if w["role"] == role and w["state"] == "active"]
+        return [
+            w for w in httpx.get(self.url + "/admin/workers").json() if w["role"] == role and w["state"] == "active"
+        ]
 
     def expected(self, path: str, body: dict) -> str:
         return text_of(post(self.reference.url, path, body))
@@ -246,11 +259,9 @@ def served(tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve")
     template = logs / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
-    engine = EngineSettings(model=tiny_model, dtype="float32", max_model_len=1024,
-                            chat_template=template)
+    engine = EngineSettings(model=tiny_model, dtype="float32", max_model_len=1024, chat_template=template)
     reference = VLLMServer(engine, logs / "reference.log", served_name=MODEL, name="reference server")
-    stack = ServeStack(ServeOptions(engine=engine, router=RouterConfig(model_name=MODEL),
-                                    log_dir=logs))
+    stack = ServeStack(ServeOptions(engine=engine, router=RouterConfig(model_name=MODEL), log_dir=logs))
     try:
         reference.spawn()
         stack.start()
@@ -265,8 +276,10 @@ def served(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("stream", [False, True])
 def test_disaggregated_output_equals_a_single_server(served, stream):
     bodies = [("/v1/completions", completion_body(prompt, stream)) for prompt in LONG_PROMPTS]
-    bodies += [("/v1/completions", completion_body("The quick brown fox", stream)),
-               ("/v1/chat/completions", chat_body(stream))]
+    bodies += [
+        ("/v1/completions", completion_body("The quick brown fox", stream)),
+        ("/v1/chat/completions", chat_body(stream)),
+    ]
     before = prefill_hops(served.url)
     for path, body in bodies:
         expected = served.expected(path, body)
@@ -278,12 +291,18 @@ def test_disaggregated_output_equals_a_single_server(served, stream):
 def test_a_router_of_its_own_serves_the_running_workers_and_its_stop_stops_none(served):
     """``kvbm router`` over the stack's workers: disaggregated, token-equal, and SIGTERM ends
     the router alone (the workers go on serving)."""
-    workers = [f"--worker={w['role']}={w['url']}" + (f",{w['stats_url']}" if w["stats_url"] else "")
-               for w in httpx.get(served.url + "/admin/workers").json()]
+    workers = [
+        f"--worker={w['role']}={w['url']}" + (f",{w['stats_url']}" if w["stats_url"] else "")
+        for w in httpx.get(served.url + "/admin/workers").json()
+    ]
     assert len(workers) == 2
-    process = subprocess.Popen([sys.executable, "-m", "kvbm.serving", "router", "--model-name", MODEL,
-                                "--port", "0", *workers], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvbm.serving", "router", "--model-name", MODEL, "--port", "0", *workers],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = read_until(process, "ready")
         router = next(line.split()[1] for line in lines if line.startswith("router http://"))
@@ -300,8 +319,21 @@ def test_a_router_of_its_own_serves_the_running_workers_and_its_stop_stops_none(
 
 
 def test_router_command_names_a_bad_worker_flag():
-    done = subprocess.run([sys.executable, "-m", "kvbm.serving", "router", "--model-name", MODEL,
-                           "--worker", "middle=http://127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvbm.serving",
+            "router",
+            "--model-name",
+            MODEL,
+            "--worker",
+            "middle=http://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "ROLE one of prefill, decode, aggregated, got 'middle=" in done.stderr
 
 
@@ -423,8 +455,7 @@ def test_prefill_worker_killed_mid_stream_requests_complete_or_fail_cleanly(serv
 
     _, replies = asyncio.run(send_while(served.url, bodies, kill))
     outcomes = [outcome(reply) for reply in replies]
-    assert all(o == expected or (o.startswith("error: ") and len(o) > len("error: "))
-               for o in outcomes), outcomes
+    assert all(o == expected or (o.startswith("error: ") and len(o) > len("error: ")) for o in outcomes), outcomes
     # The router has taken the dead worker out: requests run aggregated on decode.
     for stream in (False, True):
         assert text_of(post(served.url, "/v1/completions", completion_body(LONG_PROMPTS[1], stream))) == expected

@@ -35,16 +35,16 @@ def test_vllm_loads_the_kvbm_general_plugin():
 def test_plugin_grants_amx_permission_in_a_fresh_process():
     if not request_amx_permission():
         pytest.skip("this CPU or kernel has no AMX")
-    result = subprocess.run([sys.executable, "-c", CHECK_AMX], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", CHECK_AMX], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_import_kvbm_loads_no_engine_or_device_code():
-    probe = ("import sys, kvbm, kvbm.cpu_features, kvbm.connectors.vllm; "
-             "print(sorted(m for m in ('vllm', 'nixl', 'cupy', 'torch') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            timeout=120)
+    probe = (
+        "import sys, kvbm, kvbm.cpu_features, kvbm.connectors.vllm; "
+        "print(sorted(m for m in ('vllm', 'nixl', 'cupy', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

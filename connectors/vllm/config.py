@@ -96,7 +96,9 @@ class ConnectorConfig:
                 values["load_failure"] = LoadFailurePolicy(values["load_failure"])
             except ValueError:
                 choices = ", ".join(p.value for p in LoadFailurePolicy)
-                raise ConfigError("load_failure", f"expected one of {choices}, got {values['load_failure']!r}") from None
+                raise ConfigError(
+                    "load_failure", f"expected one of {choices}, got {values['load_failure']!r}"
+                ) from None
         if values.get("remote") is not None:
             values["remote"] = _remote(values["remote"])
         return cls(kvbm=KvbmConfig.from_dict(kvbm_raw), **values)
@@ -125,8 +127,10 @@ def resolve_load_failure(configured: LoadFailurePolicy | None, vllm_policy: str)
     if vllm is LoadFailurePolicy.RECOMPUTE:
         if configured is LoadFailurePolicy.FAIL:
             raise ConfigError(
-                "load_failure", "is 'fail' but vLLM's kv_transfer_config.kv_load_failure_policy is "
-                "'recompute'; set one of the two, or both alike")
+                "load_failure",
+                "is 'fail' but vLLM's kv_transfer_config.kv_load_failure_policy is "
+                "'recompute'; set one of the two, or both alike",
+            )
         return vllm
     return configured or LoadFailurePolicy.RECOMPUTE
 

@@ -184,7 +184,11 @@ def _set_load_failure_policy(transfer: Any, config: ConnectorConfig) -> None:
     """
     policy = resolve_load_failure(config.load_failure, transfer.kv_load_failure_policy)
     if config.load_failure is None and transfer.kv_load_failure_policy != policy.value:
-        logger.info("kvbm: a failed KV load is recomputed (vLLM's kv_load_failure_policy %r set to %r); "
-                    "to end such requests with an error instead, set kv_connector_extra_config.load_failure=%r",
-                    transfer.kv_load_failure_policy, policy.value, LoadFailurePolicy.FAIL.value)
+        logger.info(
+            "kvbm: a failed KV load is recomputed (vLLM's kv_load_failure_policy %r set to %r); "
+            "to end such requests with an error instead, set kv_connector_extra_config.load_failure=%r",
+            transfer.kv_load_failure_policy,
+            policy.value,
+            LoadFailurePolicy.FAIL.value,
+        )
     transfer.kv_load_failure_policy = policy.value

@@ -67,14 +67,16 @@ def _check_prompt_inputs(model: ModelConfig) -> None:
         raise UnsupportedEngineError(
             "kvbm cannot serve requests with prompt embeddings (enable_prompt_embeds=True): it "
             "names KV blocks by token ids, and an embedded prompt has none; start vLLM without "
-            "--enable-prompt-embeds, or without the kvbm connector")
+            "--enable-prompt-embeds, or without the kvbm connector"
+        )
 
 
 def _check_kv_cache_groups(kv_cache_config: KVCacheConfig) -> None:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise UnsupportedEngineError(
-            f"kvbm supports models with one KV cache group (full attention); this one has {len(groups)}")
+            f"kvbm supports models with one KV cache group (full attention); this one has {len(groups)}"
+        )
     spec = groups[0].kv_cache_spec
     # The exact type, not isinstance: subclasses (MLA, RSWA) lay blocks out differently, and
     # sliding-window or chunked-local specs let vLLM drop blocks kvbm would store as a prefix.
@@ -84,16 +86,21 @@ def _check_kv_cache_groups(kv_cache_config: KVCacheConfig) -> None:
         raise UnsupportedEngineError(
             "kvbm supports full-attention KV caches only (kv_cache_spec FullAttentionSpec); this "
             f"model's is {_describe_spec(spec)}: vLLM frees or lays out its blocks in ways kvbm "
-            "would cache or serve wrongly")
+            "would cache or serve wrongly"
+        )
     if spec.non_causal:
         raise UnsupportedEngineError(
             "kvbm cannot cache non-causal attention (kv_cache_spec non_causal=True): a block's KV "
-            "depends on the tokens after it, so it is no reusable prefix")
+            "depends on the tokens after it, so it is no reusable prefix"
+        )
 
 
 def _describe_spec(spec: Any) -> str:
-    settings = [f"{name}={getattr(spec, name)}" for name in ("sliding_window", "attention_chunk_size")
-                if getattr(spec, name, None) is not None]
+    settings = [
+        f"{name}={getattr(spec, name)}"
+        for name in ("sliding_window", "attention_chunk_size")
+        if getattr(spec, name, None) is not None
+    ]
     return type(spec).__name__ + (f" ({', '.join(settings)})" if settings else "")
 
 

@@ -72,8 +72,11 @@ class Handoff:
 
     def to_params(self) -> dict[str, Any]:
         """The reply's ``kv_transfer_params`` (JSON-safe)."""
-        entry: dict[str, Any] = {"source": self.source, "num_blocks": self.num_blocks,
-                                 "last_hash": self.last_hash.hex()}
+        entry: dict[str, Any] = {
+            "source": self.source,
+            "num_blocks": self.num_blocks,
+            "last_hash": self.last_hash.hex(),
+        }
         if self.grant is not None:
             entry["grant"] = self.grant.to_dict()
             if self.tail_tokens:
@@ -130,10 +133,16 @@ def _grant_of(raw: Any, count: int, last: bytes, tail_tokens: int) -> BlockGrant
         raise ValueError("grant is not an object")
     grant = BlockGrant.from_dict(raw)
     blocks = count + (1 if tail_tokens else 0)
-    if (grant.tier is not Tier.G1 or len(grant) != blocks or len(grant.hashes) != blocks
-            or grant.hashes[count - 1] != last):
-        raise ValueError(f"grant of {len(grant)} {grant.tier.name} blocks does not match the {count} handed off"
-                         + (" and their tail" if tail_tokens else ""))
+    if (
+        grant.tier is not Tier.G1
+        or len(grant) != blocks
+        or len(grant.hashes) != blocks
+        or grant.hashes[count - 1] != last
+    ):
+        raise ValueError(
+            f"grant of {len(grant)} {grant.tier.name} blocks does not match the {count} handed off"
+            + (" and their tail" if tail_tokens else "")
+        )
     return grant
 
 

@@ -35,7 +35,11 @@ from kvbm.ids import BlockHash, Tier
 from kvbm.remote import Lease, LeaseEnd, PinnedBlocks
 
 
-_ENDED_AS: dict[LeaseEnd | None, str] = {LeaseEnd.RELEASED: "read", LeaseEnd.EXPIRED: "unclaimed", LeaseEnd.REVOKED: "revoked"}
+_ENDED_AS: dict[LeaseEnd | None, str] = {
+    LeaseEnd.RELEASED: "read",
+    LeaseEnd.EXPIRED: "unclaimed",
+    LeaseEnd.REVOKED: "revoked",
+}
 
 
 @dataclasses.dataclass
@@ -71,8 +75,9 @@ class HeldBlocks:
         self._by_lease: dict[int, str] = {}  # a granted hold's lease -> its request
         self._counts = {"held": 0, "granted": 0, "read": 0, "unclaimed": 0, "revoked": 0}
 
-    def hold(self, req_id: str, hashes: Sequence[BlockHash], block_ids: Sequence[int],
-             lease_id: int | None = None) -> None:
+    def hold(
+        self, req_id: str, hashes: Sequence[BlockHash], block_ids: Sequence[int], lease_id: int | None = None
+    ) -> None:
         """Keep ``block_ids`` (holding ``hashes``, in order) for readers of request ``req_id``:
         for the reader of lease ``lease_id`` (a grant), or else for readers asking by hash."""
         if len(hashes) != len(block_ids):
@@ -80,8 +85,9 @@ class HeldBlocks:
         with self._cond:
             if req_id in self._holds:
                 raise ValueError(f"request {req_id} is already held")
-            self._holds[req_id] = _Hold(tuple(hashes), tuple(block_ids), self._clock() + self._hold_s,
-                                        lease_id=lease_id)
+            self._holds[req_id] = _Hold(
+                tuple(hashes), tuple(block_ids), self._clock() + self._hold_s, lease_id=lease_id
+            )
             self._counts["held"] += 1
             if lease_id is not None:
                 self._by_lease[lease_id] = req_id

@@ -135,5 +135,9 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KvbmWorkerMetadata)
-        return KvbmWorkerMetadata(self.results + other.results, self.side_channel or other.side_channel,
-                                  self.remote or other.remote, {**self.grants, **other.grants})
+        return KvbmWorkerMetadata(
+            self.results + other.results,
+            self.side_channel or other.side_channel,
+            self.remote or other.remote,
+            {**self.grants, **other.grants},
+        )

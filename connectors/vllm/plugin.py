@@ -27,5 +27,4 @@ def register() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     if CONNECTOR_NAME not in KVConnectorFactory._registry:  # no public "is registered" query
-        KVConnectorFactory.register_connector(
-            CONNECTOR_NAME, "kvbm.connectors.vllm.connector", "KVBMConnector")
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, "kvbm.connectors.vllm.connector", "KVBMConnector")

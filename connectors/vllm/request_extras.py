@@ -38,8 +38,11 @@ def block_extras(request: Request, block_size: int, first_block: int) -> dict[in
         if block < first_block:
             continue
         first = block == 0
-        extra = BlockExtras(lora=lora if first else None, mm_hashes=tuple(mm.get(block, ())),
-                            cache_salt=request.cache_salt if first else None)
+        extra = BlockExtras(
+            lora=lora if first else None,
+            mm_hashes=tuple(mm.get(block, ())),
+            cache_salt=request.cache_salt if first else None,
+        )
         extras[block - first_block] = extra
     return extras
 

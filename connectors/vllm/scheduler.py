@@ -106,16 +106,19 @@ class _RequestState:
 class SchedulerSide:
     """The connector's scheduler half (see the module docstring)."""
 
-    def __init__(self, config: ConnectorConfig, vllm_config: VllmConfig,
-                 kv_cache_config: KVCacheConfig) -> None:
+    def __init__(self, config: ConnectorConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         check_supported(vllm_config, kv_cache_config)
         self._config = config
         self._block_size = vllm_config.cache_config.block_size
         fingerprint = layout_fingerprint(vllm_config)
         self._hasher = BlockHasher(fingerprint)
         self._manager = BlockManager(
-            config.kvbm, block_size=self._block_size, block_bytes=block_bytes(kv_cache_config),
-            fingerprint=fingerprint, g1_on_host=vllm_config.device_config.device_type == "cpu")
+            config.kvbm,
+            block_size=self._block_size,
+            block_bytes=block_bytes(kv_cache_config),
+            fingerprint=fingerprint,
+            g1_on_host=vllm_config.device_config.device_type == "cpu",
+        )
         self._requests: dict[str, _RequestState] = {}
         self._job_owner: dict[JobId, str] = {}
         self._suspect = SuspectBlocks()  # blocks that may derive from a failed load
@@ -205,8 +208,7 @@ class SchedulerSide:
         # Decided once here: vLLM parks the request (WAITING_FOR_REMOTE_KVS) on this answer.
         # Pulls always run asynchronously (and a tail must: vLLM rewinds the prompt's last
         # token only when an asynchronous load ends).
-        state.load_async = (state.remote_end > 0 or state.tail > 0
-                            or self._load_async(request.request_id, blocks))
+        state.load_async = state.remote_end > 0 or state.tail > 0 or self._load_async(request.request_id, blocks)
         state.matched = blocks * bs + state.tail
         return state.matched, state.load_async
 
@@ -250,9 +252,15 @@ class SchedulerSide:
             state.handoff = None
         self._release_handoff(state)
         state.loading = state.load_async
-        self._step.loads.append(RequestLoad(
-            req_id=request.request_id, jobs=jobs, missing_block_ids=missing,
-            asynchronous=state.load_async, remote=remote))
+        self._step.loads.append(
+            RequestLoad(
+                req_id=request.request_id,
+                jobs=jobs,
+                missing_block_ids=missing,
+                asynchronous=state.load_async,
+                remote=remote,
+            )
+        )
 
     def _load_async(self, req_id: str, blocks: int) -> bool:
         """Whether a local (G2/G3) load of ``blocks`` runs asynchronously.
@@ -320,8 +328,9 @@ class SchedulerSide:
                     # Offer those blocks again once computed right (this reservation held them).
                     computing.offered = min(computing.offered, tainted.first)
                 if result.reason:
-                    logger.warning("kvbm job %d failed for %d blocks: %s",
-                                   result.job_id, len(result.failed), result.reason)
+                    logger.warning(
+                        "kvbm job %d failed for %d blocks: %s", result.job_id, len(result.failed), result.reason
+                    )
                 owner = self._job_owner.pop(result.job_id, None)
                 state = self._requests.get(owner) if owner is not None else None
                 if state is not None:
@@ -375,20 +384,24 @@ class SchedulerSide:
 
     # -- disaggregated serving -------------------------------------------------------------
 
-    def _hold_for_decode(self, request: Request, state: _RequestState,
-                         block_ids: list[int]) -> dict[str, Any] | None:
+    def _hold_for_decode(self, request: Request, state: _RequestState, block_ids: list[int]) -> dict[str, Any] | None:
         """Prefill side: hold the prompt's full blocks for a decode worker; the handoff params
         (a granted request's grant, tail block included, joins them in :meth:`_complete_handoffs`)."""
         if not wants_handoff(request.kv_transfer_params) or request.status in _NO_HANDOFF:
             return None
         if self._side_channel is None:
-            logger.warning("kvbm: request %s asks for a remote decode but this worker has no remote "
-                           "endpoint (set kv_connector_extra_config.remote); the decode recomputes",
-                           request.request_id)
+            logger.warning(
+                "kvbm: request %s asks for a remote decode but this worker has no remote "
+                "endpoint (set kv_connector_extra_config.remote); the decode recomputes",
+                request.request_id,
+            )
             return None
         # A decode computes at least one prompt token itself, as here (see get_num_new_matched_tokens).
-        count = min((request.num_prompt_tokens - 1) // self._block_size, len(block_ids),
-                    request.num_computed_tokens // self._block_size)
+        count = min(
+            (request.num_prompt_tokens - 1) // self._block_size,
+            len(block_ids),
+            request.num_computed_tokens // self._block_size,
+        )
         count = self._suspect.clean_prefix(block_ids, count)  # never hand off KV that may be wrong
         if state.granting:
             count = min(count, state.granting)
@@ -410,10 +423,14 @@ class SchedulerSide:
         its prompt's full blocks and its tail block right after the forward pass."""
         request = state.request
         prompt = request.num_prompt_tokens
-        if (state.granting or not self._grants_enabled or self._side_channel is None
-                or not wants_handoff(request.kv_transfer_params)
-                or not computed < prompt <= computed + scheduled
-                or request.num_output_tokens + 1 < request.max_tokens):
+        if (
+            state.granting
+            or not self._grants_enabled
+            or self._side_channel is None
+            or not wants_handoff(request.kv_transfer_params)
+            or not computed < prompt <= computed + scheduled
+            or request.num_output_tokens + 1 < request.max_tokens
+        ):
             return
         # The full blocks leave at least one prompt token out (see get_num_new_matched_tokens);
         # the tail block after them holds the rest of the prompt.
@@ -424,7 +441,11 @@ class SchedulerSide:
         state.granting = count
         hashes = self._blocks(state, count).hashes[:count]
         block_ids = list(state.block_ids[:count])
-        if count == full and len(state.block_ids) > count and self._suspect.clean_prefix(state.block_ids, count + 1) > count:
+        if (
+            count == full
+            and len(state.block_ids) > count
+            and self._suspect.clean_prefix(state.block_ids, count + 1) > count
+        ):
             state.granting_tail = prompt - count * self._block_size
             hashes += (self._tail_hash(state, count, prompt),)
             block_ids.append(state.block_ids[count])
@@ -446,15 +467,19 @@ class SchedulerSide:
             count = self._suspect.clean_prefix(held.block_ids, len(held.hashes))
             # The handoff carries the grant only as leased, to the last block: a side-channel
             # release names the lease by its last hash (see BlockSource.release_hashes).
-            whole = (count == len(held.hashes) and len(grant) == count + (1 if tail else 0)
-                     and (not tail or self._suspect.clean_prefix(list(grant.block_ids), count + 1) > count))
+            whole = (
+                count == len(held.hashes)
+                and len(grant) == count + (1 if tail else 0)
+                and (not tail or self._suspect.clean_prefix(list(grant.block_ids), count + 1) > count)
+            )
             if not whole:  # a load failure reported in this very output, or fewer blocks held than granted
                 self._step.revokes.append(req_id)
                 source = self._side_channel
                 assert source is not None  # request_finished handed off only with a side channel
                 # Only our own entry changes: another connector may share the params' top level.
-                awaited.params[KEY] = None if count < 1 else Handoff(
-                    source, count, held.hashes[count - 1]).to_params()[KEY]
+                awaited.params[KEY] = (
+                    None if count < 1 else Handoff(source, count, held.hashes[count - 1]).to_params()[KEY]
+                )
                 if count >= 1:
                     self._step.holds.append(HeldRequest(req_id, held.hashes[:count], held.block_ids[:count]))
                 continue
@@ -467,9 +492,11 @@ class SchedulerSide:
     def _handoff_of(self, request: Request) -> Handoff | None:
         handoff = Handoff.from_params(request.kv_transfer_params)
         if handoff is not None and self._config.remote is None:
-            logger.warning("kvbm: request %s carries a prefill handoff but this worker has no remote "
-                           "endpoint (set kv_connector_extra_config.remote); computing it here",
-                           request.request_id)
+            logger.warning(
+                "kvbm: request %s carries a prefill handoff but this worker has no remote "
+                "endpoint (set kv_connector_extra_config.remote); computing it here",
+                request.request_id,
+            )
             return None
         return handoff
 
@@ -480,9 +507,12 @@ class SchedulerSide:
         handoff = state.handoff
         count = handoff.num_blocks
         if count > limit or self._blocks(state, count).hashes[count - 1] != handoff.last_hash:
-            logger.warning("kvbm: request %s: the prefill's %d blocks do not match this worker's hashes "
-                           "of the prompt (another model, layout or prompt?); computing it here",
-                           state.request.request_id, count)
+            logger.warning(
+                "kvbm: request %s: the prefill's %d blocks do not match this worker's hashes "
+                "of the prompt (another model, layout or prompt?); computing it here",
+                state.request.request_id,
+                count,
+            )
             self._release_handoff(state)
             return 0
         return count
@@ -495,15 +525,25 @@ class SchedulerSide:
         :data:`TAIL_ALONE_MIN_SHARE` of a block: an asynchronous load costs the request a
         step, and computing a few tokens here is cheaper than that."""
         handoff, bs = state.handoff, self._block_size
-        if (handoff is None or not 0 < handoff.tail_tokens <= bs or start + blocks != handoff.num_blocks
-                or handoff.num_blocks * bs + handoff.tail_tokens != state.request.num_tokens
-                or (not blocks and handoff.tail_tokens <= TAIL_ALONE_MIN_SHARE * bs)):
+        if (
+            handoff is None
+            or not 0 < handoff.tail_tokens <= bs
+            or start + blocks != handoff.num_blocks
+            or handoff.num_blocks * bs + handoff.tail_tokens != state.request.num_tokens
+            or (not blocks and handoff.tail_tokens <= TAIL_ALONE_MIN_SHARE * bs)
+        ):
             return 0
         if state.tail_matches is None:
-            state.tail_matches = self._tail_hash(state, handoff.num_blocks, state.request.num_tokens) == handoff.tail_hash
+            state.tail_matches = (
+                self._tail_hash(state, handoff.num_blocks, state.request.num_tokens) == handoff.tail_hash
+            )
             if not state.tail_matches:
-                logger.warning("kvbm: request %s: the prefill's last %d prompt tokens do not match this "
-                               "worker's; computing them here", state.request.request_id, handoff.tail_tokens)
+                logger.warning(
+                    "kvbm: request %s: the prefill's last %d prompt tokens do not match this "
+                    "worker's; computing them here",
+                    state.request.request_id,
+                    handoff.tail_tokens,
+                )
         return handoff.tail_tokens if state.tail_matches else 0
 
     def _release_handoff(self, state: _RequestState) -> None:
@@ -564,8 +604,7 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is None:
             empty = HashedBlocks((), np.zeros((0, self._block_size), dtype=np.int32))
-            state = _RequestState(request=request, blocks=empty,
-                                  handoff=self._handoff_of(request))
+            state = _RequestState(request=request, blocks=empty, handoff=self._handoff_of(request))
             self._requests[request.request_id] = state
         return state
 
@@ -574,8 +613,9 @@ class SchedulerSide:
         full blocks)."""
         bs, request = self._block_size, state.request
         tokens = np.asarray(request.all_token_ids[full * bs : end], dtype=np.int32)
-        return self._hasher.hash_tail(tokens, self._blocks(state, full).hashes[full - 1],
-                                      block_extras(request, bs, full).get(0))
+        return self._hasher.hash_tail(
+            tokens, self._blocks(state, full).hashes[full - 1], block_extras(request, bs, full).get(0)
+        )
 
     def _blocks(self, state: _RequestState, count: int) -> HashedBlocks:
         """The request's first ``count`` full blocks, hashed (extends the chain as tokens grow)."""
@@ -587,8 +627,9 @@ class SchedulerSide:
         parent = state.blocks.hashes[-1] if have else None
         new = self._hasher.hash_prompt(tokens, extras=block_extras(request, bs, have), parent=parent)
         if have:
-            state.blocks = HashedBlocks(state.blocks.hashes + new.hashes,
-                                        np.concatenate([state.blocks.tokens, new.tokens]))
+            state.blocks = HashedBlocks(
+                state.blocks.hashes + new.hashes, np.concatenate([state.blocks.tokens, new.tokens])
+            )
         else:
             state.blocks = new
         return state.blocks

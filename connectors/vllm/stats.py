@@ -25,10 +25,22 @@ from kvbm.stats import KvbmStats
 
 # Counters and gauges exported per tier, from KvbmStats.to_dict()["tiers"][name].
 _GAUGES = ("capacity_blocks", "used_blocks", "pinned_blocks")
-_COUNTERS = ("hits", "misses", "evictions", "blocks_offloaded", "blocks_onboarded",
-             "bytes_offloaded", "bytes_onboarded", "transfers", "transfer_failures",
-             "token_mismatches", "checksum_mismatches", "io_errors", "dropped_on_open",
-             "dropped_after_read_errors")
+_COUNTERS = (
+    "hits",
+    "misses",
+    "evictions",
+    "blocks_offloaded",
+    "blocks_onboarded",
+    "bytes_offloaded",
+    "bytes_onboarded",
+    "transfers",
+    "transfer_failures",
+    "token_mismatches",
+    "checksum_mismatches",
+    "io_errors",
+    "dropped_on_open",
+    "dropped_after_read_errors",
+)
 
 
 @dataclasses.dataclass
@@ -64,8 +76,12 @@ class KvbmPromMetrics(KVConnectorPromMetrics):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._gauges = {}
         for field in _GAUGES + _COUNTERS:
-            gauge = self._gauge_cls(name=f"vllm:kvbm_{field}", documentation=f"kvbm {field} per tier",
-                                    labelnames=[*labelnames, "tier"], multiprocess_mode="mostrecent")
+            gauge = self._gauge_cls(
+                name=f"vllm:kvbm_{field}",
+                documentation=f"kvbm {field} per tier",
+                labelnames=[*labelnames, "tier"],
+                multiprocess_mode="mostrecent",
+            )
             self._gauges[field] = gauge
         self._labels = per_engine_labelvalues
 

@@ -101,6 +101,10 @@ class SuspectBlocks:
         if store is None or result.job_id not in self._tainted:
             return result, None
         self._tainted.discard(result.job_id)
-        failed = dataclasses.replace(result, failed=np.arange(store.num_blocks, dtype=np.int64), checksums=None,
-                                     reason="computed on top of a block that failed to load")
+        failed = dataclasses.replace(
+            result,
+            failed=np.arange(store.num_blocks, dtype=np.int64),
+            checksums=None,
+            reason="computed on top of a block that failed to load",
+        )
         return failed, store

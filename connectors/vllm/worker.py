@@ -95,27 +95,41 @@ class WorkerSide:
             elif tensor.shape[0] >= n:
                 tensors.append(tensor[:n])
             else:
-                raise ValueError(f"KV cache of layer {name} has shape {tuple(tensor.shape)}; kvbm "
-                                 f"expects a block axis of at least {n} blocks first or second")
+                raise ValueError(
+                    f"KV cache of layer {name} has shape {tuple(tensor.shape)}; kvbm "
+                    f"expects a block axis of at least {n} blocks first or second"
+                )
         g1 = EngineKV.from_tensors(tensors)
         if g1.layout.block_bytes != self._block_bytes:
-            raise ValueError(f"vLLM's KV tensors hold {g1.layout.block_bytes} bytes per block but its "
-                             f"cache config says {self._block_bytes}; kvbm cannot map blocks safely")
+            raise ValueError(
+                f"vLLM's KV tensors hold {g1.layout.block_bytes} bytes per block but its "
+                f"cache config says {self._block_bytes}; kvbm cannot map blocks safely"
+            )
         slots = self._config.kvbm.g2_slots(self._block_bytes)
         self._g2 = HostBuffer(slots, self._block_bytes, pinned=g1.is_cuda)
         handlers = dict(host_handlers(g1, self._g2, cuda_staging_bytes=self._config.kvbm.cuda_staging_bytes))
         if self._config.kvbm.g3_dir is not None:
             # The slot files; the scheduler holds G3's index over the same directory.
-            self._disk = disk_handlers(self._config.kvbm, self._g2, None if g1.is_cuda else g1,
-                                       fingerprint=layout_fingerprint(self._vllm_config))
+            self._disk = disk_handlers(
+                self._config.kvbm,
+                self._g2,
+                None if g1.is_cuda else g1,
+                fingerprint=layout_fingerprint(self._vllm_config),
+            )
             handlers.update(self._disk)
         threaded = self._config.kvbm.transfer_thread
         self._loads = TransferEngine(handlers, threaded=threaded)
         self._stores = self._loads if g1.is_cuda else TransferEngine(handlers, threaded=threaded)
         if self._config.remote is not None:
             self._start_remote(g1)
-        logger.info("kvbm: G1 %d blocks of %d bytes on %s, G2 %d slots (%.1f MiB)", g1.num_blocks,
-                    self._block_bytes, g1.device, slots, self._g2.nbytes / 2**20)
+        logger.info(
+            "kvbm: G1 %d blocks of %d bytes on %s, G2 %d slots (%.1f MiB)",
+            g1.num_blocks,
+            self._block_bytes,
+            g1.device,
+            slots,
+            self._g2.nbytes / 2**20,
+        )
 
     @property
     def host_buffer(self) -> HostBuffer | None:
@@ -183,8 +197,7 @@ class WorkerSide:
             # A lease cannot end before this line: expiry is lease_s away, no reader has the
             # grant yet, and only this thread revokes.
             try:
-                self._require(self._held).hold(asked.req_id, asked.hashes, asked.block_ids,
-                                               lease_id=grant.lease_id)
+                self._require(self._held).hold(asked.req_id, asked.hashes, asked.block_ids, lease_id=grant.lease_id)
             except ValueError:
                 remote.source.revoke(grant.lease_id)
                 logger.exception("kvbm: could not hold request %s's granted blocks", asked.req_id)
@@ -213,8 +226,9 @@ class WorkerSide:
         # A request is done only when nothing still writes its blocks: copies, holds, and
         # NIXL pulls (an aborted decode's pull may still be landing).
         pulling = {req_id for req_id, _ in self._pulls.values()}
-        done_saving = {r for r in self._awaiting
-                       if not self._req_jobs.get(r) and not self._is_held(r) and r not in pulling}
+        done_saving = {
+            r for r in self._awaiting if not self._req_jobs.get(r) and not self._is_held(r) and r not in pulling
+        }
         done_loading = {r for r in self._async_loads if not self._req_jobs.get(r) and r not in pulling}
         self._awaiting -= done_saving
         self._async_loads -= done_loading
@@ -298,8 +312,13 @@ class WorkerSide:
         if len(result.failed):
             # Not granted, not delivered or not verified: vLLM recomputes these blocks.
             self._load_errors.update(block_ids[np.asarray(result.failed)].tolist())
-            logger.warning("kvbm: pull for request %s: %d of %d blocks failed: %s", req_id,
-                           len(result.failed), len(block_ids), result.reason)
+            logger.warning(
+                "kvbm: pull for request %s: %d of %d blocks failed: %s",
+                req_id,
+                len(result.failed),
+                len(block_ids),
+                result.reason,
+            )
 
     def _is_held(self, req_id: str) -> bool:
         return self._held is not None and self._held.is_held(req_id)

@@ -255,9 +255,7 @@ class NixlTransport:
             raise RemoteError(FailureKind.BAD_DESCRIPTORS, str(exc)) from None
         handle = None
         try:
-            xfer = self._agent.make_prepped_xfer(
-                "READ", local_dlist, local_idx, entry.dlists[tier], remote_idx, notice
-            )
+            xfer = self._agent.make_prepped_xfer("READ", local_dlist, local_idx, entry.dlists[tier], remote_idx, notice)
             handle = ReadHandle(peer, xfer, len(block_ids))
             self._reads.setdefault(peer, set()).add(handle)
             state = self._agent.transfer(xfer)

@@ -63,8 +63,11 @@ class RemoteConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.worker, str) or not _WORKER_RE.match(self.worker):
             raise ConfigError("worker", f"expected 1-64 characters of [A-Za-z0-9_.:-], got {self.worker!r}")
-        if (not isinstance(self.backends, tuple) or not self.backends
-                or not all(isinstance(b, str) and b for b in self.backends)):
+        if (
+            not isinstance(self.backends, tuple)
+            or not self.backends
+            or not all(isinstance(b, str) and b for b in self.backends)
+        ):
             raise ConfigError("backends", f"expected a non-empty tuple of backend names, got {self.backends!r}")
         for name in ("lease_s", "heartbeat_s", "pull_deadline_s", "side_channel_timeout_s"):
             value = getattr(self, name)

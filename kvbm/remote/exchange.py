@@ -73,8 +73,9 @@ def fetch_published(address: str, since: int | None, timeout_s: float) -> dict[s
     return _parse(address, lambda: dict(reply["published"]))
 
 
-def request_release(address: str, hashes: Sequence[BlockHash], timeout_s: float,
-                    lease_id: int | None = None, agent: str | None = None) -> int:
+def request_release(
+    address: str, hashes: Sequence[BlockHash], timeout_s: float, lease_id: int | None = None, agent: str | None = None
+) -> int:
     """Tell the worker at ``address`` we will not read the blocks it holds ending in ``hashes``
     (with ``lease_id``: exactly the blocks of that lease, which must end in one of them, granted
     by ``agent``: a restarted source, whose lease ids start again, ignores it); returns how many
@@ -83,8 +84,9 @@ def request_release(address: str, hashes: Sequence[BlockHash], timeout_s: float,
     Raises:
         RemoteError: UNREACHABLE.
     """
-    reply = request(address, {"op": "release", "hashes": join_hashes(list(hashes)), "lease": lease_id,
-                              "agent": agent}, timeout_s)
+    reply = request(
+        address, {"op": "release", "hashes": join_hashes(list(hashes)), "lease": lease_id, "agent": agent}, timeout_s
+    )
     return _parse(address, lambda: int(reply["released"]))
 
 

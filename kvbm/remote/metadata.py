@@ -138,15 +138,20 @@ class BlockGrant:
 
     def slice(self, first: int, end: int) -> BlockGrant:
         """Blocks ``first..end`` of this grant, under the same lease (ending it ends all)."""
-        return dataclasses.replace(self, block_ids=self.block_ids[first:end], checksums=self.checksums[first:end],
-                                   hashes=self.hashes[first:end])
+        return dataclasses.replace(
+            self,
+            block_ids=self.block_ids[first:end],
+            checksums=self.checksums[first:end],
+            hashes=self.hashes[first:end],
+        )
 
     def take(self, positions: list[int]) -> BlockGrant:
         """Blocks at ``positions`` of this grant, in that order, under the same lease."""
         index = np.asarray(positions, dtype=np.int64)
         hashes = tuple(self.hashes[i] for i in positions) if self.hashes else ()
-        return dataclasses.replace(self, block_ids=self.block_ids[index], checksums=self.checksums[index],
-                                   hashes=hashes)
+        return dataclasses.replace(
+            self, block_ids=self.block_ids[index], checksums=self.checksums[index], hashes=hashes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

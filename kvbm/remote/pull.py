@@ -128,7 +128,8 @@ class PullEngine:
         # Requests still refused at close, kept referenced so no in-flight request is freed.
         self._abandoned: list[ReadHandle] = []
         self._counts = dict.fromkeys(
-            ("ok", "failed", "blocks", "bytes", "blocks_failed", "corrupt", "releases", "releases_failed"), 0)
+            ("ok", "failed", "blocks", "bytes", "blocks_failed", "corrupt", "releases", "releases_failed"), 0
+        )
         self._release_lock = threading.Lock()
         self._failures: dict[str, int] = {}
         self._finished: list[JobResult] = []  # ended inside submit, returned by the next poll
@@ -218,12 +219,14 @@ class PullEngine:
         """Give up a held grant: the source is told (batched) it may free the blocks."""
         self._keeper.release(grant.source, grant.lease_id)
 
-    def release(self, address: str, hashes: Sequence[BlockHash], lease_id: int | None = None,
-                agent: str | None = None) -> None:
+    def release(
+        self, address: str, hashes: Sequence[BlockHash], lease_id: int | None = None, agent: str | None = None
+    ) -> None:
         """Send a ``release`` to ``address`` from a background thread; a failure is counted
         (the source frees the blocks at the end of its hold anyway)."""
-        future = self._executor().submit(exchange.request_release, address, tuple(hashes), self._timeout_s,
-                                         lease_id, agent)
+        future = self._executor().submit(
+            exchange.request_release, address, tuple(hashes), self._timeout_s, lease_id, agent
+        )
         future.add_done_callback(self._count_release)
 
     def release_grant(self, grant: BlockGrant) -> None:

@@ -151,8 +151,7 @@ class BlockSource:
             raise
         return self._grant_of(lease, sums)
 
-    def release_hashes(self, hashes: Sequence[BlockHash], lease_id: int | None = None,
-                       agent: str | None = None) -> int:
+    def release_hashes(self, hashes: Sequence[BlockHash], lease_id: int | None = None, agent: str | None = None) -> int:
         """A reader gives up blocks held for it by their owner: the lease ``lease_id`` when
         given (it must end in one of ``hashes`` and, with ``agent``, be this incarnation's: a
         stray id or one from before a restart frees nothing), else by hash (see

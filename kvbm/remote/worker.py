@@ -96,8 +96,14 @@ class RemoteWorker:
         self._tiers: dict[Tier, LocalTier] = {}
         # A grant by hash may wait for its blocks (a prefill registers them at its next step,
         # which a long prefill chunk can delay by seconds), inside the reader's timeout.
-        self._source = BlockSource(name, self._tiers, lease_s=config.lease_s, clock=clock, pinner=pinner,
-                                   ready_timeout_s=config.side_channel_timeout_s * 0.8)
+        self._source = BlockSource(
+            name,
+            self._tiers,
+            lease_s=config.lease_s,
+            clock=clock,
+            pinner=pinner,
+            ready_timeout_s=config.side_channel_timeout_s * 0.8,
+        )
         self._pulls = PullEngine(
             self._transport,
             clock=clock,
@@ -118,8 +124,9 @@ class RemoteWorker:
                 self._server = SideChannelServer(
                     config.side_channel_host,
                     config.side_channel_port,
-                    exchange.server_handlers(lambda: self._metadata, self._source.grant_hashes, self._export,
-                                             self._source.release_hashes),
+                    exchange.server_handlers(
+                        lambda: self._metadata, self._source.grant_hashes, self._export, self._source.release_hashes
+                    ),
                     timeout_s=config.side_channel_timeout_s,
                 )
             except OSError:

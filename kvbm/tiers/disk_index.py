@@ -93,8 +93,14 @@ class DiskIndex(TierIndex):
                 raise G3LayoutError(f"G3 index path {path} is a symlink; kvbm does not follow links")
         map_size = max(256 << 20, layout.num_slots * (self._value_size + 64) * 4)
         self._env = lmdb.open(
-            directory.index_path, map_size=-(-map_size // (1 << 20)) << 20, subdir=True, max_dbs=2,
-            sync=False, metasync=False, readahead=False, meminit=False,
+            directory.index_path,
+            map_size=-(-map_size // (1 << 20)) << 20,
+            subdir=True,
+            max_dbs=2,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            meminit=False,
         )
         self._seq = 0
         self._touched: dict[BlockHash, int] = {}
@@ -320,7 +326,9 @@ class DiskIndex(TierIndex):
         good[at[keep]] = True
         bad = list(itertools.compress(keys, ~good))
         if bad:
-            logger.warning("G3 index %s: %d records dropped at open (they cannot name intact bytes)", self._dir.path, len(bad))
+            logger.warning(
+                "G3 index %s: %d records dropped at open (they cannot name intact bytes)", self._dir.path, len(bad)
+            )
             with self._env.begin(write=True, db=self._db) as txn:
                 for key in bad:
                     txn.delete(key)
@@ -385,10 +393,14 @@ def _handle_unreadable_index(directory: G3Directory, config: KvbmConfig, error: 
     removed (every G3 block is dropped; the slots are reused) so that it opens empty."""
     problem = f"its index cannot be read ({type(error).__name__}: {error})"
     if config.g3_on_mismatch is not G3OnMismatch.WIPE:
-        logger.error("G3 directory %s refused, never served from: %s (set g3_on_mismatch='wipe' to reuse it)",
-                     directory.path, problem)
-        raise G3LayoutError(f"G3 directory {directory.path} refused: {problem}; "
-                            "set g3_on_mismatch='wipe' to reuse it") from error
+        logger.error(
+            "G3 directory %s refused, never served from: %s (set g3_on_mismatch='wipe' to reuse it)",
+            directory.path,
+            problem,
+        )
+        raise G3LayoutError(
+            f"G3 directory {directory.path} refused: {problem}; set g3_on_mismatch='wipe' to reuse it"
+        ) from error
     logger.warning("G3 directory %s: its index is wiped, its blocks are dropped: %s", directory.path, problem)
     for name in ("data.mdb", "lock.mdb"):
         with contextlib.suppress(FileNotFoundError):

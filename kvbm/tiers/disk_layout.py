@@ -106,9 +106,7 @@ class DiskLayout:
         stride = -(-block_bytes // SLOT_ALIGN) * SLOT_ALIGN
         num_slots = capacity_bytes // stride
         if num_slots < 1:
-            raise ConfigError(
-                "g3_capacity_bytes", f"{capacity_bytes} bytes cannot hold one {stride}-byte G3 slot"
-            )
+            raise ConfigError("g3_capacity_bytes", f"{capacity_bytes} bytes cannot hold one {stride}-byte G3 slot")
         per_file = max(1, min(num_slots, file_bytes // stride))
         return cls(fingerprint.digest().hex(), fingerprint.block_size, block_bytes, num_slots, stride, per_file)
 
@@ -238,7 +236,9 @@ def open_directory(
                 own = _lock_file(dir_fd, _LOCK_NAMES[2])
                 locks.append(own)
                 if not _try_lock(own, fcntl.LOCK_EX):
-                    raise G3LayoutError(f"G3 directory {path} is owned by another kvbm process (one index owner at a time)")
+                    raise G3LayoutError(
+                        f"G3 directory {path} is owned by another kvbm process (one index owner at a time)"
+                    )
             found, problem = _read_record(dir_fd)
             if found is not None and found != layout:
                 problem = "written under another layout: " + "; ".join(found.differences(layout))
@@ -263,7 +263,9 @@ def open_directory(
 
 def _handle_mismatch(path: str, dir_fd: int, users: int, problem: str, on_mismatch: G3OnMismatch) -> None:
     if on_mismatch is G3OnMismatch.REFUSE:
-        logger.error("G3 directory %s refused, never served from: %s (set g3_on_mismatch='wipe' to reuse it)", path, problem)
+        logger.error(
+            "G3 directory %s refused, never served from: %s (set g3_on_mismatch='wipe' to reuse it)", path, problem
+        )
         raise G3LayoutError(f"G3 directory {path} refused: {problem}; set g3_on_mismatch='wipe' to reuse it")
     if not _try_lock(users, fcntl.LOCK_EX):
         raise G3LayoutError(f"G3 directory {path} must be wiped ({problem}) but another process is using it")
@@ -333,7 +335,11 @@ def _repair_slot_files(path: str, dir_fd: int, layout: DiskLayout) -> dict[int, 
             damaged[i] = st.st_size // layout.slot_stride
             logger.warning(
                 "G3 slot file %s/%s is %d bytes, expected %d: its blocks past slot %d are lost",
-                path, layout.file_name(i), st.st_size, want, damaged[i],
+                path,
+                layout.file_name(i),
+                st.st_size,
+                want,
+                damaged[i],
             )
             os.ftruncate(fd, want)
         finally:

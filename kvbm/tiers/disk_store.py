@@ -80,8 +80,13 @@ class IoBatch:
     """A batch submitted to the pool; ``wait`` returns its :class:`IoOutcome` once. A write
     batch (``sync`` given) syncs every file it wrote before ``wait`` returns."""
 
-    def __init__(self, tasks: list[tuple[np.ndarray, Future[TaskResult]]],
-                 files: np.ndarray, sync: SyncFiles | None, errors: BurstLog) -> None:
+    def __init__(
+        self,
+        tasks: list[tuple[np.ndarray, Future[TaskResult]]],
+        files: np.ndarray,
+        sync: SyncFiles | None,
+        errors: BurstLog,
+    ) -> None:
         self._tasks = tasks
         self._files = files
         self._sync = sync
@@ -151,7 +156,9 @@ class DiskSlotStore(SlotStore):
                 self._close_fds()
                 self._fds = [directory.open_slot_file(i, os.O_RDWR) for i in range(layout.num_files)]
                 if direct_io:
-                    logger.warning("G3 %s: O_DIRECT refused (%s); using buffered I/O", directory.path, self._fallback_reason)
+                    logger.warning(
+                        "G3 %s: O_DIRECT refused (%s); using buffered I/O", directory.path, self._fallback_reason
+                    )
         except BaseException:
             self._close_fds()
             raise
@@ -299,7 +306,9 @@ class DiskSlotStore(SlotStore):
             raise ValueError(f"row id out of range [0, {rows.shape[0]})")
         files, offsets = self._layout.locate(slots)
         zero_copy = not self._direct or (
-            self._block_bytes % SLOT_ALIGN == 0 and rows.ctypes.data % SLOT_ALIGN == 0 and rows.strides[0] % SLOT_ALIGN == 0
+            self._block_bytes % SLOT_ALIGN == 0
+            and rows.ctypes.data % SLOT_ALIGN == 0
+            and rows.strides[0] % SLOT_ALIGN == 0
         )
         fn = self._write_task if write else self._read_task
         tasks = []
@@ -338,7 +347,9 @@ class DiskSlotStore(SlotStore):
             return self._one_by_one(self._read_run, fd, offset, rows, ids, blocks, zero_copy, err)
         return blocks, err
 
-    def _write_run(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> tuple[int, str | None]:
+    def _write_run(
+        self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool
+    ) -> tuple[int, str | None]:
         """One pwritev of consecutive slots; returns (whole blocks written, error)."""
         if zero_copy:
             bufs = self._iovecs(rows, ids)
@@ -350,7 +361,9 @@ class DiskSlotStore(SlotStore):
         done, err = _transfer(os.pwritev, fd, bufs, offset)
         return done // self._stride, err
 
-    def _read_run(self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool) -> tuple[int, str | None]:
+    def _read_run(
+        self, fd: int, offset: int, rows: np.ndarray, ids: list[int], zero_copy: bool
+    ) -> tuple[int, str | None]:
         """One preadv of consecutive slots; returns (whole blocks read, error or None at EOF)."""
         if zero_copy:
             done, err = _transfer(os.preadv, fd, self._iovecs(rows, ids), offset)
@@ -361,8 +374,17 @@ class DiskSlotStore(SlotStore):
                 rows[r] = bounce[j, : self._block_bytes]
         return done // self._stride, err
 
-    def _one_by_one(self, run: Callable[..., tuple[int, str | None]], fd: int, offset: int, rows: np.ndarray,
-                    ids: list[int], start: int, zero_copy: bool, error: str) -> TaskResult:
+    def _one_by_one(
+        self,
+        run: Callable[..., tuple[int, str | None]],
+        fd: int,
+        offset: int,
+        rows: np.ndarray,
+        ids: list[int],
+        start: int,
+        zero_copy: bool,
+        error: str,
+    ) -> TaskResult:
         """After a multi-block call failed at block ``start``: each later block on its own, so
         only the blocks that really fail (a bad sector, the space left) are lost. A retried
         read that ends short fails too (a file truncated under an I/O error is not trusted)."""
@@ -416,7 +438,9 @@ class DiskSlotStore(SlotStore):
             raise ValueError(f"expected uint8 [{len(slots)}, {self._block_bytes}], got {rows.dtype} {rows.shape}")
 
 
-def _transfer(op: Callable[[int, list[memoryview], int], int], fd: int, bufs: list[np.ndarray], offset: int) -> tuple[int, str | None]:
+def _transfer(
+    op: Callable[[int, list[memoryview], int], int], fd: int, bufs: list[np.ndarray], offset: int
+) -> tuple[int, str | None]:
     """Run preadv/pwritev until every buffer is done, EOF, or an error; returns (bytes, error)."""
     total = sum(b.nbytes for b in bufs)
     done = 0

@@ -110,6 +110,4 @@ class HostBuffer(SlotStore):
 
     def _check_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
         if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape != (len(slots), self._block_bytes):
-            raise ValueError(
-                f"expected uint8 [{len(slots)}, {self._block_bytes}], got {rows.dtype} {rows.shape}"
-            )
+            raise ValueError(f"expected uint8 [{len(slots)}, {self._block_bytes}], got {rows.dtype} {rows.shape}")

@@ -210,9 +210,7 @@ class SlotIndex(TierIndex):
         leased blocks and ``exclude`` (the hashes of the request to be stored). Pure query."""
         return tuple(self._victims(count, set(exclude)))
 
-    def adopt(
-        self, hashes: Sequence[BlockHash], slots: np.ndarray, tokens: np.ndarray, checksums: np.ndarray
-    ) -> None:
+    def adopt(self, hashes: Sequence[BlockHash], slots: np.ndarray, tokens: np.ndarray, checksums: np.ndarray) -> None:
         """Commit blocks straight into the given free slots (a persistent tier reloading its
         index); earlier hashes rank as more recently used, as everywhere. Emits BlockStored.
 

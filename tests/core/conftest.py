@@ -44,8 +44,13 @@ def cuda_available() -> bool:
 
 def make_fingerprint(**overrides: object) -> LayoutFingerprint:
     fields: dict[str, object] = dict(
-        model="tiny-llama", dtype="bfloat16", block_size=BLOCK_SIZE, num_layers=2,
-        num_kv_heads=2, head_dim=32, layout_tag="test-nhd",
+        model="tiny-llama",
+        dtype="bfloat16",
+        block_size=BLOCK_SIZE,
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=32,
+        layout_tag="test-nhd",
     )
     fields.update(overrides)
     return LayoutFingerprint(**fields)  # type: ignore[arg-type]
@@ -126,6 +131,7 @@ def make_node() -> Iterator:
 # --- tier factories: the contract suite (test_tier_contract.py, test_tier_state.py) runs
 # against every entry. A new tier adds its factories here. ``workdir`` is an empty directory
 # the tier may use (G3 keeps its files there); G2 ignores it.
+
 
 def make_slot_index(num_slots: int, block_size: int, events: EventLog, workdir: Path) -> TierIndex:
     return SlotIndex(Tier.G2, num_slots, block_size, events)

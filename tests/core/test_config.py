@@ -24,17 +24,31 @@ def test_defaults_and_round_trip() -> None:
 
 def test_every_field_from_a_dict() -> None:
     raw = {
-        "g2_capacity_blocks": 128, "offload_policy": "on_eviction", "offload_min_hits": 2,
-        "verify_g2_reads": True, "transfer_thread": False, "latency_window": 16, "event_buffer": 0,
-        "cuda_staging_bytes": "8MiB", "g3_dir": "/var/tmp/kvbm", "g3_capacity_bytes": "10GB",
-        "g3_on_mismatch": "wipe", "g3_direct_io": False, "g3_io_threads": 2,
+        "g2_capacity_blocks": 128,
+        "offload_policy": "on_eviction",
+        "offload_min_hits": 2,
+        "verify_g2_reads": True,
+        "transfer_thread": False,
+        "latency_window": 16,
+        "event_buffer": 0,
+        "cuda_staging_bytes": "8MiB",
+        "g3_dir": "/var/tmp/kvbm",
+        "g3_capacity_bytes": "10GB",
+        "g3_on_mismatch": "wipe",
+        "g3_direct_io": False,
+        "g3_io_threads": 2,
     }
     cfg = KvbmConfig.from_dict(raw)
     assert cfg.offload_policy is OffloadPolicy.ON_EVICTION
     assert cfg.cuda_staging_bytes == 8 << 20
     assert cfg.g3_capacity_bytes == 10**10
     assert cfg.g3_on_mismatch is G3OnMismatch.WIPE
-    assert cfg.to_dict() == {**raw, "cuda_staging_bytes": 8 << 20, "g3_capacity_bytes": 10**10, "g2_capacity_bytes": None}
+    assert cfg.to_dict() == {
+        **raw,
+        "cuda_staging_bytes": 8 << 20,
+        "g3_capacity_bytes": 10**10,
+        "g2_capacity_bytes": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -118,21 +132,30 @@ def test_g3_needs_the_layout_fingerprint(tmp_path) -> None:
 
 # -- the vLLM connector's load_failure against vLLM's kv_load_failure_policy -------------------
 
-@pytest.mark.parametrize("raw, expected", [
-    ({}, None), ({"load_failure": None}, None),
-    ({"load_failure": "fail"}, LoadFailurePolicy.FAIL), ({"load_failure": "recompute"}, LoadFailurePolicy.RECOMPUTE),
-])
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({}, None),
+        ({"load_failure": None}, None),
+        ({"load_failure": "fail"}, LoadFailurePolicy.FAIL),
+        ({"load_failure": "recompute"}, LoadFailurePolicy.RECOMPUTE),
+    ],
+)
 def test_load_failure_is_unset_unless_given(raw, expected) -> None:
     assert ConnectorConfig.from_extra_config(raw).load_failure is expected
 
 
-@pytest.mark.parametrize("configured, vllm_policy, expected", [
-    (None, "fail", LoadFailurePolicy.RECOMPUTE),  # vLLM's default, maybe nobody's choice
-    (None, "recompute", LoadFailurePolicy.RECOMPUTE),
-    (LoadFailurePolicy.RECOMPUTE, "fail", LoadFailurePolicy.RECOMPUTE),
-    (LoadFailurePolicy.RECOMPUTE, "recompute", LoadFailurePolicy.RECOMPUTE),
-    (LoadFailurePolicy.FAIL, "fail", LoadFailurePolicy.FAIL),
-])
+@pytest.mark.parametrize(
+    "configured, vllm_policy, expected",
+    [
+        (None, "fail", LoadFailurePolicy.RECOMPUTE),  # vLLM's default, maybe nobody's choice
+        (None, "recompute", LoadFailurePolicy.RECOMPUTE),
+        (LoadFailurePolicy.RECOMPUTE, "fail", LoadFailurePolicy.RECOMPUTE),
+        (LoadFailurePolicy.RECOMPUTE, "recompute", LoadFailurePolicy.RECOMPUTE),
+        (LoadFailurePolicy.FAIL, "fail", LoadFailurePolicy.FAIL),
+    ],
+)
 def test_vllm_recompute_is_kept_and_its_fail_yields_to_kvbm(configured, vllm_policy, expected) -> None:
     assert resolve_load_failure(configured, vllm_policy) is expected
 

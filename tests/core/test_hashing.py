@@ -82,10 +82,20 @@ def test_parent_extends_a_chain() -> None:
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("model", "other-model"), ("dtype", "float16"), ("num_layers", 3), ("num_kv_heads", 4),
-        ("head_dim", 64), ("layout_tag", "test-hnd"), ("tp_rank", 1), ("tp_size", 4), ("format_version", 3),
-        ("weights", "xxh3:0123"), ("quantization", "fp8"), ("kv_cache_dtype", "fp8_e4m3"),
-        ("attention_backend", "FLASH_ATTN"), ("hf_overrides", '{"rope_theta":1000}'),
+        ("model", "other-model"),
+        ("dtype", "float16"),
+        ("num_layers", 3),
+        ("num_kv_heads", 4),
+        ("head_dim", 64),
+        ("layout_tag", "test-hnd"),
+        ("tp_rank", 1),
+        ("tp_size", 4),
+        ("format_version", 3),
+        ("weights", "xxh3:0123"),
+        ("quantization", "fp8"),
+        ("kv_cache_dtype", "fp8_e4m3"),
+        ("attention_backend", "FLASH_ATTN"),
+        ("hf_overrides", '{"rope_theta":1000}'),
     ],
 )
 def test_every_fingerprint_field_changes_the_hashes(field: str, value: object) -> None:
@@ -117,8 +127,13 @@ def test_extras_are_encoded_unambiguously() -> None:
     hasher = make_hasher()
     tokens = make_tokens(2 * BLOCK_SIZE)
     variants = [
-        BlockExtras(mm_hashes=("a", "b")), BlockExtras(mm_hashes=("b", "a")), BlockExtras(mm_hashes=("ab",)),
-        BlockExtras(lora="1"), BlockExtras(lora="2"), BlockExtras(lora=""), BlockExtras(cache_salt="1"),
+        BlockExtras(mm_hashes=("a", "b")),
+        BlockExtras(mm_hashes=("b", "a")),
+        BlockExtras(mm_hashes=("ab",)),
+        BlockExtras(lora="1"),
+        BlockExtras(lora="2"),
+        BlockExtras(lora=""),
+        BlockExtras(cache_salt="1"),
     ]
     firsts = {hasher.hash_prompt(tokens, extras={0: v}).hashes[0] for v in variants}
     assert len(firsts) == len(variants)
@@ -202,10 +217,16 @@ def test_bad_extras_and_parent_raise() -> None:
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"model": ""}, "model"), ({"block_size": 0}, "block_size"), ({"head_dim": -1}, "head_dim"),
-        ({"tp_rank": 2, "tp_size": 2}, "tp_rank"), ({"num_layers": 2.0}, "num_layers"),
-        ({"layout_tag": 3}, "layout_tag"), ({"tp_size": True}, "tp_size"),
-        ({"weights": ""}, "weights"), ({"quantization": 8}, "quantization"), ({"kv_cache_dtype": None}, "kv_cache_dtype"),
+        ({"model": ""}, "model"),
+        ({"block_size": 0}, "block_size"),
+        ({"head_dim": -1}, "head_dim"),
+        ({"tp_rank": 2, "tp_size": 2}, "tp_rank"),
+        ({"num_layers": 2.0}, "num_layers"),
+        ({"layout_tag": 3}, "layout_tag"),
+        ({"tp_size": True}, "tp_size"),
+        ({"weights": ""}, "weights"),
+        ({"quantization": 8}, "quantization"),
+        ({"kv_cache_dtype": None}, "kv_cache_dtype"),
     ],
 )
 def test_bad_fingerprints_name_the_field(overrides, match) -> None:
@@ -219,8 +240,19 @@ def test_canonical_tokens_does_not_copy_int32() -> None:
     assert canonical_tokens(tokens.astype(np.int64)).dtype == np.dtype("<i4")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"weights": "xxh3:ab", "quantization": "awq", "kv_cache_dtype": "fp8",
-                                        "attention_backend": "TRITON_ATTN", "hf_overrides": "{}"}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "weights": "xxh3:ab",
+            "quantization": "awq",
+            "kv_cache_dtype": "fp8",
+            "attention_backend": "TRITON_ATTN",
+            "hf_overrides": "{}",
+        },
+    ],
+)
 def test_fingerprint_round_trips_through_json(overrides) -> None:
     """The router rebuilds a worker's fingerprint from its ``/layout`` JSON (asdict)."""
     fp = make_fingerprint(**overrides)
@@ -240,8 +272,9 @@ def test_a_tail_hash_follows_the_documented_encoding_and_names_its_tokens() -> N
     tokens = make_tokens(2 * BLOCK_SIZE + BLOCK_SIZE // 2 + 1)
     full = hasher.hash_prompt(tokens)
     tail = hasher.hash_tail(tokens[2 * BLOCK_SIZE :], full.hashes[-1])
-    assert tail == xxhash.xxh3_128_digest(b"kvbm.tail\x00" + full.hashes[-1]
-                                          + tokens[2 * BLOCK_SIZE :].astype("<i4").tobytes())
+    assert tail == xxhash.xxh3_128_digest(
+        b"kvbm.tail\x00" + full.hashes[-1] + tokens[2 * BLOCK_SIZE :].astype("<i4").tobytes()
+    )
     # Never a full block's hash, even for a whole block of tokens; the parent and every token count.
     whole = hasher.hash_tail(tokens[BLOCK_SIZE : 2 * BLOCK_SIZE], full.hashes[0])
     assert whole != full.hashes[1]

@@ -146,8 +146,7 @@ def test_handlers_require_matching_sizes() -> None:
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
 def test_cuda_round_trip_through_pinned_g2() -> None:
     layers = [
-        torch.randint(0, 255, (32, 2, 16, 64), dtype=torch.uint8, device="cuda").view(torch.bfloat16)
-        for _ in range(3)
+        torch.randint(0, 255, (32, 2, 16, 64), dtype=torch.uint8, device="cuda").view(torch.bfloat16) for _ in range(3)
     ]
     g1 = EngineKV.from_tensors(layers)
     assert g1.is_cuda

@@ -42,8 +42,13 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs to bind threads apart")
 def test_kvbm_threads_run_on_every_cpu_of_the_process_not_the_main_threads_one():
     first, last = CPUS[0], CPUS[-1]
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(first=first, last=last)],
-                         capture_output=True, text=True, timeout=120, check=True).stdout.split("] [")
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(first=first, last=last)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split("] [")
     started, pooled, plain, main = (sorted(int(c) for c in part.strip("[]\n").split(",")) for part in out)
     assert plain == [first] == main  # what an ordinary thread inherits: the main thread's one CPU
     assert started == [first, last]

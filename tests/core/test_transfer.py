@@ -108,7 +108,11 @@ def test_durations_come_from_the_injected_clock() -> None:
 )
 def test_job_validation(kwargs, match) -> None:
     fields = dict(
-        job_id=JobId(1), src=Tier.G1, dst=Tier.G2, src_ids=np.arange(2), dst_ids=np.arange(2),
+        job_id=JobId(1),
+        src=Tier.G1,
+        dst=Tier.G2,
+        src_ids=np.arange(2),
+        dst_ids=np.arange(2),
         hashes=(BlockHash(b"a" * 16), BlockHash(b"b" * 16)),
     )
     fields.update(kwargs)

@@ -37,8 +37,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def make_fingerprint(**overrides: object) -> LayoutFingerprint:
     fields: dict[str, object] = dict(
-        model="tiny-llama", dtype="bfloat16", block_size=BLOCK_SIZE, num_layers=2,
-        num_kv_heads=2, head_dim=32, layout_tag="test-nhd",
+        model="tiny-llama",
+        dtype="bfloat16",
+        block_size=BLOCK_SIZE,
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=32,
+        layout_tag="test-nhd",
     )
     fields.update(overrides)
     return LayoutFingerprint(**fields)  # type: ignore[arg-type]
@@ -58,8 +63,10 @@ def content(block_hash: BlockHash, layers: Sequence[int] = LAYERS) -> list[np.nd
 
 def g3_config(directory: Path, g3_blocks: int = 16, **fields: object) -> KvbmConfig:
     raw: dict[str, object] = {
-        "g2_capacity_blocks": 4, "transfer_thread": False,
-        "g3_dir": str(directory), "g3_capacity_bytes": g3_blocks * STRIDE,
+        "g2_capacity_blocks": 4,
+        "transfer_thread": False,
+        "g3_dir": str(directory),
+        "g3_capacity_bytes": g3_blocks * STRIDE,
     }
     raw.update(fields)
     return KvbmConfig.from_dict(raw)
@@ -164,13 +171,20 @@ def make_disk_node() -> Iterator[Callable[..., DiskNode]]:
 def run_diskproc(*args: str, timeout: float = 120, **popen: object) -> subprocess.CompletedProcess[str]:
     """Run ``tests/disk/diskproc.py`` in a fresh interpreter and wait for it."""
     return subprocess.run(
-        [sys.executable, "-m", "tests.disk.diskproc", *args], cwd=REPO, capture_output=True, text=True,
-        timeout=timeout, **popen,  # type: ignore[arg-type]
+        [sys.executable, "-m", "tests.disk.diskproc", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,  # type: ignore[arg-type]
     )
 
 
 def start_diskproc(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.disk.diskproc", *args], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "tests.disk.diskproc", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )

@@ -66,10 +66,18 @@ def fsize(args: argparse.Namespace) -> None:
     missing = set(plan.missing_block_ids.tolist())
     served = [i for i in range(args.blocks) if i not in missing]
     intact = sum(node.holds(i, blocks.hashes[i]) for i in served)
-    print(json.dumps({
-        "written": written, "matched": match.num_blocks, "tiers": sorted({t.value for t in match.tiers}),
-        "served": len(served), "intact": intact, "read_ok": all(r.ok for r in results),
-    }))
+    print(
+        json.dumps(
+            {
+                "written": written,
+                "matched": match.num_blocks,
+                "tiers": sorted({t.value for t in match.tiers}),
+                "served": len(served),
+                "intact": intact,
+                "read_ok": all(r.ok for r in results),
+            }
+        )
+    )
     node.close()
 
 

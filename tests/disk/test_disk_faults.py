@@ -17,8 +17,16 @@ import pytest
 from kvbm.ids import Tier
 from kvbm.tiers import disk_store
 
-from .conftest import (STRIDE, build_node, g3_config, make_blocks, make_fingerprint, run_diskproc, slot_file,
-                       written_and_closed)
+from .conftest import (
+    STRIDE,
+    build_node,
+    g3_config,
+    make_blocks,
+    make_fingerprint,
+    run_diskproc,
+    slot_file,
+    written_and_closed,
+)
 
 G2, G3 = Tier.G2, Tier.G3
 
@@ -127,7 +135,6 @@ def test_index_records_kvbm_did_not_write_are_dropped(tmp_path: Path) -> None:
         node.close()
 
 
-
 class FailingOs:
     """``os`` for the disk store, except that I/O touching chosen slots fails with EIO, as a
     bad sector or a dying disk does (no device-mapper "error" target in a container)."""
@@ -159,7 +166,8 @@ class FailingOs:
 
 
 def test_eio_on_reads_writes_and_syncs_fails_only_those_blocks_and_serving_goes_on(
-        tmp_path: Path, monkeypatch, caplog) -> None:
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
     failing = FailingOs()
     monkeypatch.setattr(disk_store, "os", failing)
     node = build_node(g3_config(tmp_path / "g3", g3_blocks=64, g2_capacity_blocks=8), g1_blocks=32)
@@ -211,7 +219,8 @@ def test_eio_on_reads_writes_and_syncs_fails_only_those_blocks_and_serving_goes_
 
 @pytest.mark.parametrize("g1_on_host", [True, False], ids=["g3-to-g1", "g3-via-g2"])
 def test_a_block_whose_reads_keep_failing_is_dropped_and_computed_again(
-        tmp_path: Path, monkeypatch, g1_on_host: bool) -> None:
+    tmp_path: Path, monkeypatch, g1_on_host: bool
+) -> None:
     failing = FailingOs()
     monkeypatch.setattr(disk_store, "os", failing)
     config = g3_config(tmp_path / "g3", g3_blocks=64, g2_capacity_blocks=8)

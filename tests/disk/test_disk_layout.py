@@ -92,7 +92,10 @@ def test_wipe_deletes_only_kvbm_names(tmp_path: Path, caplog) -> None:
     assert any("wiped, its blocks are dropped" in r.message and "fingerprint" in r.message for r in caplog.records)
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "slots-1.bin").exists()
     assert (tmp_path / "slots-00000.bin").read_bytes()[:1] == b"\0"
-    assert json.loads((tmp_path / "kvbm-g3.json").read_text())["fingerprint"] == make_fingerprint(model="another-model").digest().hex()
+    assert (
+        json.loads((tmp_path / "kvbm-g3.json").read_text())["fingerprint"]
+        == make_fingerprint(model="another-model").digest().hex()
+    )
 
 
 def test_no_wipe_while_another_process_uses_it(tmp_path: Path) -> None:

@@ -89,7 +89,8 @@ def test_on_eviction_demotes_ahead_and_never_evicts_an_undemoted_block(tmp_path:
     jobs = mgr.blocks_evicting(a[2:], [2, 3])  # after it G2 is full: demote the next victims now
     demotions = mgr.take_jobs()
     assert [(j.src, j.dst, j.hashes) for j in demotions + jobs] == [
-        (G2, G3, (a.hashes[1], a.hashes[0])), (G1, G2, a.hashes[2:]),
+        (G2, G3, (a.hashes[1], a.hashes[0])),
+        (G1, G2, a.hashes[2:]),
     ]
     node.run(demotions + jobs)
     [offload] = mgr.blocks_evicting(b, [4, 5])  # evicts the clean A0, A1; demotes A3, A2 ahead

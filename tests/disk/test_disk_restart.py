@@ -17,8 +17,15 @@ from kvbm.ids import BlockHash, Tier
 from kvbm.tiers.disk_index import INDEX_SYNC_S, IndexSyncer
 from kvbm.tiers.disk_layout import G3LayoutError
 
-from .conftest import (build_node, g3_config, make_blocks, make_fingerprint, run_diskproc, start_diskproc,
-                       written_and_closed)
+from .conftest import (
+    build_node,
+    g3_config,
+    make_blocks,
+    make_fingerprint,
+    run_diskproc,
+    start_diskproc,
+    written_and_closed,
+)
 
 G2, G3 = Tier.G2, Tier.G3
 
@@ -80,8 +87,16 @@ def test_kill_9_during_a_burst_of_writes(tmp_path: Path) -> None:
     for run in range(3):
         progress = tmp_path / f"progress-{run}"
         child = start_diskproc(
-            "write", str(directory), "--seed", str(10 + run), "--blocks", str(blocks_per_run),
-            "--batch", str(batch), "--progress", str(progress),
+            "write",
+            str(directory),
+            "--seed",
+            str(10 + run),
+            "--blocks",
+            str(blocks_per_run),
+            "--batch",
+            str(batch),
+            "--progress",
+            str(progress),
         )
         while len(_read_hashes(progress)) < 2 * batch and child.poll() is None:
             time.sleep(0.005)

@@ -46,9 +46,7 @@ def machine_for(policy: str, g1_on_host: bool):
         def __init__(self) -> None:
             super().__init__()
             self.dir = Path(tempfile.mkdtemp(prefix="kvbm-g3-state-"))
-            config = g3_config(
-                self.dir / "g3", g3_blocks=G3_SLOTS, g2_capacity_blocks=G2_SLOTS, offload_policy=policy
-            )
+            config = g3_config(self.dir / "g3", g3_blocks=G3_SLOTS, g2_capacity_blocks=G2_SLOTS, offload_policy=policy)
             self.node = build_node(config, g1_blocks=G1_BLOCKS, g1_on_host=g1_on_host)
             self.free_g1 = list(range(G1_BLOCKS))
             self.queue: list[TransferJob] = []
@@ -65,7 +63,9 @@ def machine_for(policy: str, g1_on_host: bool):
 
         def enqueue(self, jobs: list[TransferJob], g1_ids: list[int]) -> None:
             for job in jobs:
-                ids = [int(i) for i in (job.src_ids if job.src is Tier.G1 else job.dst_ids if job.dst is Tier.G1 else [])]
+                ids = [
+                    int(i) for i in (job.src_ids if job.src is Tier.G1 else job.dst_ids if job.dst is Tier.G1 else [])
+                ]
                 self.busy_g1[job.job_id] = ids
             leftover = set(g1_ids) - {i for job in jobs for i in self.busy_g1[job.job_id]}
             self.free_g1 += sorted(leftover)

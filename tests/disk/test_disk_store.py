@@ -20,7 +20,9 @@ from kvbm.tiers.host import HostBuffer
 from .conftest import make_fingerprint
 
 
-def open_store(path: Path, block_bytes: int, num_slots: int, *, file_slots: int | None = None, **kwargs) -> DiskSlotStore:
+def open_store(
+    path: Path, block_bytes: int, num_slots: int, *, file_slots: int | None = None, **kwargs
+) -> DiskSlotStore:
     stride = -(-block_bytes // 4096) * 4096
     layout = DiskLayout.plan(
         make_fingerprint(), block_bytes, num_slots * stride, file_bytes=(file_slots or num_slots) * stride

@@ -43,7 +43,9 @@ def worker_proc():
     def start(directory: Path) -> Worker:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.disk.diskproc", "worker", str(directory), "--g3-blocks", "16"],
-            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         procs.append(proc)
         return Worker(proc)

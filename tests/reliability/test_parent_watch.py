@@ -68,10 +68,19 @@ def test_watch_runs_only_in_the_process_the_environment_names():
 def test_a_server_whose_starter_died_before_its_watch_began_exits():
     """serve stopped while a server was still importing vLLM: the server is an orphan from the
     start (CI once found one alive, parent pid 1, long after serve had stopped)."""
-    starter = subprocess.run([sys.executable, "-c", "from kvbm.serving import parent_watch; "
-                              "print(parent_watch.starter_value())"], capture_output=True, text=True, check=True)
-    code = ("import time; from kvbm.serving import parent_watch; parent_watch.GRACE_S = 0.5; "
-            "assert parent_watch.watch(); time.sleep(600)")
-    orphan = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                              env={**os.environ, parent_watch.ENV: starter.stdout.strip()})
+    starter = subprocess.run(
+        [sys.executable, "-c", "from kvbm.serving import parent_watch; print(parent_watch.starter_value())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    code = (
+        "import time; from kvbm.serving import parent_watch; parent_watch.GRACE_S = 0.5; "
+        "assert parent_watch.watch(); time.sleep(600)"
+    )
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", code],
+        start_new_session=True,
+        env={**os.environ, parent_watch.ENV: starter.stdout.strip()},
+    )
     assert orphan.wait(timeout=120) == -signal.SIGTERM

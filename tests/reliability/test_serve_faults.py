@@ -38,9 +38,12 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny"
 MAX_TOKENS = 8
 # Two of several 32-token blocks (the decode pulls them) and two of less than one block.
-PROMPTS = ["def main(argv):\n" + "    parser.add_argument('--flag', default=None)\n" * 6,
-           "The quick brown fox jumps over the lazy dog. " * 12,
-           "Hello", "Once upon a time"]
+PROMPTS = [
+    "def main(argv):\n" + "    parser.add_argument('--flag', default=None)\n" * 6,
+    "The quick brown fox jumps over the lazy dog. " * 12,
+    "Hello",
+    "Once upon a time",
+]
 LIVENESS_S = 600  # how long a process may take to start or to exit before the test fails
 
 
@@ -88,10 +91,27 @@ def serve(logs: Path) -> Iterator[Served]:
     output = logs / f"serve-{port}.out"
     with open(output, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "kvbm.serving", "serve", "--model", MODEL, "--dtype", "float32",
-             "--port", str(port), "--log-dir", str(logs), "--g3-dir", str(logs / "g3"),
-             "--kvbm-config", json.dumps({"g3_capacity_bytes": "64MiB"})],
-            stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "kvbm.serving",
+                "serve",
+                "--model",
+                MODEL,
+                "--dtype",
+                "float32",
+                "--port",
+                str(port),
+                "--log-dir",
+                str(logs),
+                "--g3-dir",
+                str(logs / "g3"),
+                "--kvbm-config",
+                json.dumps({"g3_capacity_bytes": "64MiB"}),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     served = Served(process, f"http://127.0.0.1:{port}")
     tree: list[psutil.Process] = []
     try:
@@ -120,8 +140,14 @@ def served(tiny_model, logs):
 
 
 def completion(prompt: str, stream: bool) -> dict:
-    return {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 def outcome(status: int, body: str) -> str:
@@ -183,31 +209,55 @@ def expected(served) -> dict[str, str]:
 
 # --- hostile input --------------------------------------------------------------------------
 
-ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                        max_leaves=8)
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 MAX_TOKENS_VALUES = st.one_of(st.integers(max_value=0), st.integers(min_value=10**5), st.just(2), ANY_JSON)
 # max_tokens is always there and never a cheap valid value, so no fuzzed request generates long.
-FIELDS = {"model": st.one_of(st.just(MODEL), ANY_JSON), "prompt": st.one_of(st.sampled_from(PROMPTS), ANY_JSON),
-          "messages": ANY_JSON, "temperature": ANY_JSON, "stream": ANY_JSON, "n": ANY_JSON,
-          "no_such_field": ANY_JSON}
-BODIES = st.fixed_dictionaries({"max_tokens": MAX_TOKENS_VALUES},
-                               optional=FIELDS).map(lambda body: json.dumps(body).encode())
+FIELDS = {
+    "model": st.one_of(st.just(MODEL), ANY_JSON),
+    "prompt": st.one_of(st.sampled_from(PROMPTS), ANY_JSON),
+    "messages": ANY_JSON,
+    "temperature": ANY_JSON,
+    "stream": ANY_JSON,
+    "n": ANY_JSON,
+    "no_such_field": ANY_JSON,
+}
+BODIES = st.fixed_dictionaries({"max_tokens": MAX_TOKENS_VALUES}, optional=FIELDS).map(
+    lambda body: json.dumps(body).encode()
+)
 # Valid requests with one field fuzzed (or an unknown one added), so the fuzz also reaches the
 # workers and gets answers, not only the router's validation.
-VALID = {"model": st.just(MODEL), "prompt": st.sampled_from(PROMPTS), "max_tokens": st.just(2),
-         "messages": st.just([{"role": "user", "content": PROMPTS[2]}])}
-NEAR_VALID = st.sampled_from(["model", "prompt", "max_tokens", "messages", "temperature", "stream", "n",
-                              "no_such_field"]).flatmap(
-    lambda fuzzed: st.fixed_dictionaries({**VALID, fuzzed: FIELDS.get(fuzzed, MAX_TOKENS_VALUES)})
-).map(lambda body: json.dumps(body).encode())
-RAW = st.one_of(st.binary(max_size=64), st.just(b"\xff\xfe{"), st.just(b'{"prompt": "\xc3\x28"}'),
-                st.just(b"[]"), st.just(b"null"), st.just(b'{"model": "tiny", "prompt": "x", "max_tokens": 1e400}'))
+VALID = {
+    "model": st.just(MODEL),
+    "prompt": st.sampled_from(PROMPTS),
+    "max_tokens": st.just(2),
+    "messages": st.just([{"role": "user", "content": PROMPTS[2]}]),
+}
+NEAR_VALID = (
+    st.sampled_from(["model", "prompt", "max_tokens", "messages", "temperature", "stream", "n", "no_such_field"])
+    .flatmap(lambda fuzzed: st.fixed_dictionaries({**VALID, fuzzed: FIELDS.get(fuzzed, MAX_TOKENS_VALUES)}))
+    .map(lambda body: json.dumps(body).encode())
+)
+RAW = st.one_of(
+    st.binary(max_size=64),
+    st.just(b"\xff\xfe{"),
+    st.just(b'{"prompt": "\xc3\x28"}'),
+    st.just(b"[]"),
+    st.just(b"null"),
+    st.just(b'{"model": "tiny", "prompt": "x", "max_tokens": 1e400}'),
+)
 tried: dict[int, int] = {}
 
 
-@settings(max_examples=250, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=250,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=st.one_of(BODIES, NEAR_VALID, RAW))
 def test_fuzzed_requests_get_4xx_with_a_message_or_an_answer(served, path, body):
     reply = httpx.post(served.url + path, content=body, headers={"content-type": "application/json"}, timeout=120)
@@ -219,9 +269,14 @@ def test_fuzzed_requests_get_4xx_with_a_message_or_an_answer(served, path, body)
 
 def test_oversize_and_odd_requests_get_4xx_and_the_router_stays_up(served, expected):
     huge = b'{"model": "tiny", "prompt": "' + b"x" * (64 << 20) + b'"}'
-    odd = [("POST", "/v1/completions", huge), ("GET", "/v1/completions", b""),
-           ("POST", "/v1/nothing", b"{}"), ("POST", "/admin/workers", b'{"role": "emperor"}'),
-           ("POST", "/admin/workers/nobody/drain", b""), ("DELETE", "/admin/workers/nobody", b"")]
+    odd = [
+        ("POST", "/v1/completions", huge),
+        ("GET", "/v1/completions", b""),
+        ("POST", "/v1/nothing", b"{}"),
+        ("POST", "/admin/workers", b'{"role": "emperor"}'),
+        ("POST", "/admin/workers/nobody/drain", b""),
+        ("DELETE", "/admin/workers/nobody", b""),
+    ]
     for method, path, body in odd:
         reply = httpx.request(method, served.url + path, content=body, timeout=120)
         assert 400 <= reply.status_code < 500, (method, path, reply.status_code, reply.text[:200])
@@ -254,8 +309,11 @@ def worker_gauges(served: Served) -> dict[str, dict]:
         metrics = httpx.get(worker["url"] + "/metrics", timeout=30).text
         usage = re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", metrics, re.M)
         leases = remote.get("leases", {})
-        gauges[worker["id"]] = {"kv_usage": float(usage.group(1)) if usage else None,
-                                "leases": leases.get("active", 0), "leased_blocks": leases.get("blocks_held", 0)}
+        gauges[worker["id"]] = {
+            "kv_usage": float(usage.group(1)) if usage else None,
+            "leases": leases.get("active", 0),
+            "leased_blocks": leases.get("blocks_held", 0),
+        }
     return gauges
 
 
@@ -266,8 +324,9 @@ def idle(gauges: dict[str, dict]) -> bool:
 def pull_counters(served: Served) -> dict[str, int]:
     """Summed over the active workers: pull jobs that failed, pulled blocks that failed (and
     were recomputed), engine blocks handed back to vLLM to recompute, holds that ended unread."""
-    totals = dict.fromkeys(("jobs_ok", "jobs_failed", "blocks_pulled", "blocks_failed", "load_error_blocks",
-                            "unclaimed", "granted"), 0)
+    totals = dict.fromkeys(
+        ("jobs_ok", "jobs_failed", "blocks_pulled", "blocks_failed", "load_error_blocks", "unclaimed", "granted"), 0
+    )
     for worker in served.stats()["workers"]:
         remote = worker["block_stats"].get("remote") if worker["state"] == "active" else None
         if not remote:
@@ -293,7 +352,9 @@ def test_64_streams_over_1000_requests_no_error_no_leak_no_growth(served, expect
     started = time.monotonic()
     results = asyncio.run(run_requests(served.url, bodies, STREAMS, during))
     took = time.monotonic() - started
-    wrong = [(body["prompt"][:20], text) for body, (text, _) in zip(bodies, results) if text != expected[body["prompt"]]]
+    wrong = [
+        (body["prompt"][:20], text) for body, (text, _) in zip(bodies, results) if text != expected[body["prompt"]]
+    ]
     assert not wrong, wrong[:5]
     after = served.stats()
     assert after["requests"] - before["requests"] == REQUESTS
@@ -315,16 +376,19 @@ def test_64_streams_over_1000_requests_no_error_no_leak_no_growth(served, expect
     end = [tree_rss(tree) for tree in trees]
     growth = [(e - w) / w for e, w in zip(end, rss["warm"])]
     firsts = sorted(first for _, first in results)
-    print(f"\n{REQUESTS} requests, {STREAMS} streams: {took:.1f} s; first byte p50 "
-          f"{firsts[len(firsts) // 2] * 1000:.0f} ms p99 {firsts[int(len(firsts) * 0.99)] * 1000:.0f} ms; "
-          f"router TTFT p99 {after['ttft_s']['p99'] * 1000:.0f} ms; prefill fallbacks "
-          f"{failed['prefill_failed']}, decode retries {retried}; RSS growth after request "
-          f"{WARM_AFTER} (workers, router): {', '.join(f'{g * 100:+.1f}%' for g in growth)}; pulls {pulls}")
+    print(
+        f"\n{REQUESTS} requests, {STREAMS} streams: {took:.1f} s; first byte p50 "
+        f"{firsts[len(firsts) // 2] * 1000:.0f} ms p99 {firsts[int(len(firsts) * 0.99)] * 1000:.0f} ms; "
+        f"router TTFT p99 {after['ttft_s']['p99'] * 1000:.0f} ms; prefill fallbacks "
+        f"{failed['prefill_failed']}, decode retries {retried}; RSS growth after request "
+        f"{WARM_AFTER} (workers, router): {', '.join(f'{g * 100:+.1f}%' for g in growth)}; pulls {pulls}"
+    )
     assert failed["prefill_failed"] + retried <= REQUESTS // 100, (failed, retried)  # rare, not a pattern
     assert all(g < 0.05 for g in growth), growth
 
 
 # --- kill -9 --------------------------------------------------------------------------------
+
 
 def test_decode_worker_killed_mid_stream_requests_finish_or_fail_cleanly_then_a_new_one_serves(served, expected):
     decode = served.workers("decode")[0]
@@ -342,6 +406,7 @@ def test_decode_worker_killed_mid_stream_requests_finish_or_fail_cleanly_then_a_
     assert len(clean) + len(finished) == len(bodies), outcomes
     wait_for(lambda: gone(tree), "the killed worker's processes to exit")
     print(f"\ndecode killed after 4 of {len(bodies)} requests: {len(finished)} finished, {len(clean)} failed cleanly")
+
     def dead() -> dict:
         return next(w for w in served.stats()["workers"] if w["id"] == decode["id"])
 
@@ -368,13 +433,14 @@ def test_serve_killed_mid_stream_leaves_no_worker_behind(served, expected):
         assert text == expected[body["prompt"]] or text.startswith(("client: ", "error: ")), text
     served.process.wait(LIVENESS_S)
     wait_for(lambda: all(gone(tree) for tree in trees), "every worker to exit after serve was killed")
-    print(f"\nserve killed after 4 of {len(bodies)} requests: "
-          f"{sum(not t.startswith(('client', 'error')) for t, _ in results)} finished correct; no worker left")
+    print(
+        f"\nserve killed after 4 of {len(bodies)} requests: "
+        f"{sum(not t.startswith(('client', 'error')) for t, _ in results)} finished correct; no worker left"
+    )
 
 
 def g3_counters(served: Served) -> dict[str, dict]:
-    return {w["id"]: w["block_stats"]["tiers"]["g3"] for w in served.stats()["workers"]
-            if w["state"] == "active"}
+    return {w["id"]: w["block_stats"]["tiers"]["g3"] for w in served.stats()["workers"] if w["state"] == "active"}
 
 
 def test_serve_started_again_after_kill_9_comes_back_warm_from_g3(served, expected, logs):
@@ -388,7 +454,11 @@ def test_serve_started_again_after_kill_9_comes_back_warm_from_g3(served, expect
         g3 = g3_counters(again)[prefill]
         # The long prompts' blocks came from the prefill's disk, not from a recompute.
         assert g3["hits"] > 0 and g3["blocks_onboarded"] > 0, g3
-        print("\nrestart on the same G3 directories: "
-              + "; ".join(f"{worker} found {c['used_blocks']} blocks (dropped {c['dropped_on_open']})"
-                          for worker, c in opened.items())
-              + f"; prefill served {g3['blocks_onboarded']} blocks from G3")
+        print(
+            "\nrestart on the same G3 directories: "
+            + "; ".join(
+                f"{worker} found {c['used_blocks']} blocks (dropped {c['dropped_on_open']})"
+                for worker, c in opened.items()
+            )
+            + f"; prefill served {g3['blocks_onboarded']} blocks from G3"
+        )

@@ -25,7 +25,10 @@ def make_regions(num_blocks: int = 4, layers: tuple[int, ...] = (64, 32), tier: 
     stride = sum(layers)
     offsets = np.cumsum([0, *layers[:-1]]).tolist()
     return TierRegions(
-        tier, MemKind.DRAM, num_blocks, (Region(4096, num_blocks * stride, stride),),
+        tier,
+        MemKind.DRAM,
+        num_blocks,
+        (Region(4096, num_blocks * stride, stride),),
         tuple(Segment(0, o, n) for o, n in zip(offsets, layers)),
     )
 

@@ -113,6 +113,7 @@ def test_server_survives_garbage_and_half_sent_frames(server):
     with socket.create_connection((host, port), timeout=2) as s:
         s.sendall(b"\x00\x00")  # half a header, then the client goes away
     results = []
+
     def ask():
         results.append(request(srv.address, {"op": "echo", "value": 1}, 5.0))
 

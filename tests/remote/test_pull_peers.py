@@ -73,8 +73,14 @@ def test_source_killed_mid_transfer():
         # Three good pulls, then the source is SIGKILLed 5 ms into the fourth 64 MiB read.
         pid = source.call("pid")
         results = reader.call(
-            "pull_loop", grant=grant, tier="g1", ids=ids, count=20, metadata=source.metadata,
-            kill=(3, pid, 0.005), timeout_s=60,
+            "pull_loop",
+            grant=grant,
+            tier="g1",
+            ids=ids,
+            count=20,
+            metadata=source.metadata,
+            kill=(3, pid, 0.005),
+            timeout_s=60,
         )
         # How many blocks of the failed read hold the source's bytes: strictly between 0 and 64
         # when the kill tore the read (measured: 13, 22, 27, 38 in four runs). Timing on a busy
@@ -106,7 +112,12 @@ def test_reader_killed_mid_transfer_lease_expires_and_source_serves_on(trio):
     lease_id = grant["lease_id"]
     # The reader SIGKILLs itself 1 ms into its fourth pull.
     reader.send(
-        "pull_loop", grant=grant, tier="g1", ids=ids, count=100, metadata=c.metadata,
+        "pull_loop",
+        grant=grant,
+        tier="g1",
+        ids=ids,
+        count=100,
+        metadata=c.metadata,
         kill=(3, reader.process.pid, 0.001),
     )
     reader.process.join(30)
