@@ -20,8 +20,8 @@ import numpy as np
 from bench.timing import print_table
 from kvbm.config import KvbmConfig
 from kvbm.hashing import BlockHasher, HashedBlocks, LayoutFingerprint
-from kvbm.jobs import JobResult, TransferJob
-from kvbm.manager import BlockManager
+from kvbm.manager.block_manager import BlockManager
+from kvbm.transfer.jobs import JobResult, TransferJob
 
 BLOCK_SIZE = 64
 _NONE = np.zeros(0, dtype=np.int64)

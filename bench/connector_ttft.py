@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from kvbm.cpu_features import request_amx_permission
+from kvbm.process.cpu_features import request_amx_permission
 from kvbm.serving.embedded_model import PRESETS, ensure_model
 from kvbm.serving.vllm_settings import EngineSettings, vllm_env
 

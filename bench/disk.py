@@ -39,17 +39,17 @@ import numpy as np
 
 from bench.timing import best_of, print_table
 from kvbm.config import G3OnMismatch
-from kvbm.disk_copy import DemoteHandler, DiskLoadHandler, PromoteHandler
-from kvbm.events import EventLog
 from kvbm.hashing import TOKEN_DTYPE, LayoutFingerprint
 from kvbm.ids import BlockHash, JobId, Tier
 from kvbm.integrity import checksum_rows
-from kvbm.jobs import TransferJob
 from kvbm.layout import EngineKV
-from kvbm.tiers.disk_index import DiskIndex
-from kvbm.tiers.disk_layout import DiskLayout, open_directory
-from kvbm.tiers.disk_store import DiskSlotStore
+from kvbm.manager.events import EventLog
+from kvbm.tiers.disk.handlers import DemoteHandler, DiskLoadHandler, PromoteHandler
+from kvbm.tiers.disk.index import DiskIndex
+from kvbm.tiers.disk.layout import DiskLayout, open_directory
+from kvbm.tiers.disk.store import DiskSlotStore
 from kvbm.tiers.host import HostBuffer
+from kvbm.transfer.jobs import TransferJob
 
 FLOOR_CHUNK = 16 << 20
 

@@ -9,8 +9,8 @@ permutation on both sides (every block its own descriptor). Figures are GB/s of 
 best of ``--repeat`` interleaved rounds, against floors measured in the same run and process:
 
 - memcpy: one ``np.copyto`` of the same bytes, both buffers warm (the issue's baseline);
-- scattered copy: ``kvbm.blockcopy.copy_rows`` with the same permutation (one numpy copy per
-  block), for the scattered rows;
+- scattered copy: ``kvbm.transfer.blockcopy.copy_rows`` with the same permutation (one numpy
+  copy per block), for the scattered rows;
 - h2d copy (``--device cuda``): one pinned-host to device ``copy_`` of the same bytes.
 
 Candidates:
@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from bench.timing import best_of, print_table
-from kvbm.blockcopy import copy_rows
 from kvbm.ids import Tier
 from kvbm.layout import EngineKV
 from kvbm.remote import BlockGrant, PeerMetadata, RemoteConfig, RemoteWorker, engine_tier, host_tier
@@ -44,6 +43,7 @@ from kvbm.remote.agent import NixlTransport
 from kvbm.remote.metadata import agent_name
 from kvbm.remote.pull import PullEngine
 from kvbm.tiers.host import HostBuffer
+from kvbm.transfer.blockcopy import copy_rows
 
 os.environ.setdefault("UCX_TCP_NODELAY", "y")
 _UNITS = {"K": 1 << 10, "M": 1 << 20}

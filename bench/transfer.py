@@ -25,13 +25,13 @@ import gc
 import numpy as np
 
 from bench.timing import best_of, print_table
-from kvbm.blockcopy import gather_blocks
-from kvbm.host_copy import HostLoadHandler, HostStoreHandler
 from kvbm.ids import BlockHash, JobId, Tier
 from kvbm.integrity import checksum_rows
-from kvbm.jobs import TransferJob
 from kvbm.layout import EngineKV
 from kvbm.tiers.host import HostBuffer
+from kvbm.transfer.blockcopy import gather_blocks
+from kvbm.transfer.host_copy import HostLoadHandler, HostStoreHandler
+from kvbm.transfer.jobs import TransferJob
 
 
 def measure(block_bytes: int, count: int, layer_counts: list[int], rows: list[list[object]]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvbm.errors import ConfigError
-from kvbm.policy import OffloadPolicy
+from kvbm.manager.policy import OffloadPolicy
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {

@@ -1,6 +1,6 @@
 """Project exceptions.
 
-STYLE rule 3 keeps three kinds of failure apart: running out of room is a return value,
+kvbm keeps three kinds of failure apart: running out of room is a return value,
 misuse raises (``ValueError``/``KeyError``/``TypeError`` or the classes below), a broken
 invariant is an ``assert``. The classes here exist where a caller needs to tell kvbm's
 errors from others.

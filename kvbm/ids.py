@@ -1,7 +1,7 @@
 """Identifier types shared by every kvbm module.
 
-Keys are immutable values (STYLE rule 1): a block is named by its chained hash, a job by an
-integer handed out by whoever plans it, and a storage level by the :class:`Tier` enum.
+Every key is an immutable value: a block is named by its chained hash, a job by an integer
+handed out by whoever plans it, and a storage level by the :class:`Tier` enum.
 Batched paths carry slot and block ids as ``np.ndarray`` of int64; the NewTypes below name
 single values.
 """

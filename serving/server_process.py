@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvbm.serving import parent_watch
+from kvbm.process import parent_watch
 from kvbm.serving.vllm_settings import EngineSettings, vllm_env
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.cpu_features import request_amx_permission
+from kvbm.process.cpu_features import request_amx_permission
 from kvbm.serving.embedded_model import ensure_model
 from kvbm.serving.vllm_settings import EngineSettings, vllm_env
 
@@ -94,7 +94,7 @@ def greedy(max_tokens: int = 24):
 @pytest.fixture
 def gated_loads(monkeypatch):
     """G2 -> G1 copies wait until the returned event is set (aborts land while they run)."""
-    from kvbm.host_copy import HostLoadHandler
+    from kvbm.transfer.host_copy import HostLoadHandler
 
     gate = threading.Event()
     run = HostLoadHandler.run

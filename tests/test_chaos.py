@@ -25,7 +25,7 @@ import pytest
 from conftest import greedy, step_until
 from fault_connectors import FAULTS
 from kvbm.serving.vllm_settings import EngineSettings
-from kvbm.tiers import disk_store
+from kvbm.tiers.disk import store as disk_store
 
 pytestmark = pytest.mark.slow
 

@@ -7,14 +7,14 @@ import threading
 import numpy as np
 import pytest
 
+from kvbm.config import KvbmConfig
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.handoff import Handoff, wants_handoff
 from kvbm.connectors.vllm.held_blocks import HeldBlocks
 from kvbm.connectors.vllm.stats import KvbmConnectorStats, _remote_prometheus
-from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
 from kvbm.ids import BlockHash, Tier
-from kvbm.manager import BlockManager
+from kvbm.manager.block_manager import BlockManager
 from kvbm.remote import BlockGrant, Lease, LeaseEnd, LeaseId
 from kvbm.remote.metadata import AgentName
 from kvbm.remote.source import BlockSource

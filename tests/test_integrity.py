@@ -15,7 +15,7 @@ import pytest
 from conftest import greedy, step_until
 from fault_connectors import FAULTS
 from kvbm.serving.vllm_settings import EngineSettings
-from kvbm.tiers import disk_store
+from kvbm.tiers.disk import store as disk_store
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +251,7 @@ def test_a_block_whose_g3_reads_keep_failing_is_dropped_and_computed(
 SPEC_CHILD = """
 import gc, json, sys
 from vllm import LLM, SamplingParams
-from kvbm.cpu_features import request_amx_permission
+from kvbm.process.cpu_features import request_amx_permission
 request_amx_permission()
 plain, spec, prompts = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)

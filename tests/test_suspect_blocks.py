@@ -6,7 +6,7 @@ import numpy as np
 
 from kvbm.connectors.vllm.suspect_blocks import SuspectBlocks
 from kvbm.ids import JobId
-from kvbm.jobs import JobResult
+from kvbm.transfer.jobs import JobResult
 
 A = [10, 11, 12, 13, 14, 15]  # request A's engine blocks
 B = [10, 11, 12, 20, 21]  # B shares A's first three through vLLM's prefix cache

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kvbm.cpu_features import request_amx_permission
+from kvbm.process.cpu_features import request_amx_permission
 
 # Reads the process's permitted extended features (ARCH_GET_XCOMP_PERM) after running the
 # plugin hook the way vLLM does, and prints whether AMX tile data (bit 18) is among them.
@@ -42,7 +42,7 @@ def test_plugin_grants_amx_permission_in_a_fresh_process():
 
 def test_import_kvbm_loads_no_engine_or_device_code():
     probe = (
-        "import sys, kvbm, kvbm.cpu_features, kvbm.connectors.vllm; "
+        "import sys, kvbm, kvbm.process.cpu_features, kvbm.connectors.vllm; "
         "print(sorted(m for m in ('vllm', 'nixl', 'cupy', 'torch') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from kvbm.connectors.vllm.scheduler import SchedulerSide
     from kvbm.connectors.vllm.worker import WorkerSide
-    from kvbm.stats import KvbmStats
+    from kvbm.manager.stats import KvbmStats
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 

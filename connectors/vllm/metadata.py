@@ -18,8 +18,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvbm.ids import BlockHash
-from kvbm.jobs import JobResult, TransferJob
 from kvbm.remote.metadata import BlockGrant
+from kvbm.transfer.jobs import JobResult, TransferJob
 
 
 @dataclasses.dataclass

@@ -7,8 +7,8 @@ here is idempotent.
 
 from __future__ import annotations
 
-from kvbm.cpu_features import request_amx_permission
-from kvbm.serving import parent_watch
+from kvbm.process import parent_watch
+from kvbm.process.cpu_features import request_amx_permission
 
 CONNECTOR_NAME = "KVBMConnector"
 
@@ -17,10 +17,10 @@ def register() -> None:
     """Prepares the current process for vLLM.
 
     Requests AMX tile permission so vLLM's bf16 CPU attention cannot die with SIGILL when
-    attention is the process's first AMX user (see :mod:`kvbm.cpu_features`), makes a server
-    that kvbm's serve command started exit with it (:mod:`kvbm.serving.parent_watch`), and registers
-    ``KVBMConnector`` so ``--kv-transfer-config '{"kv_connector": "KVBMConnector", ...}'``
-    works without a module path.
+    attention is the process's first AMX user (see :mod:`kvbm.process.cpu_features`), makes a
+    server that kvbm's serve command started exit with it (:mod:`kvbm.process.parent_watch`),
+    and registers ``KVBMConnector`` so
+    ``--kv-transfer-config '{"kv_connector": "KVBMConnector", ...}'`` works without a module path.
     """
     request_amx_permission()
     parent_watch.watch()

@@ -1,8 +1,8 @@
 """Scheduler side of the kvbm connector: lookups, load and offload planning, commits.
 
 Lives in vLLM's engine-core process and imports no device code. It owns the
-:class:`~kvbm.manager.BlockManager` (which blocks G2/G3 hold) and hashes each request's
-tokens with kvbm's chained hashing. Per step, vLLM calls:
+:class:`~kvbm.manager.block_manager.BlockManager` (which blocks G2/G3 hold) and hashes each
+request's tokens with kvbm's chained hashing. Per step, vLLM calls:
 
     get_num_new_matched_tokens  -> tokens kvbm can load beyond vLLM's own prefix cache
     update_state_after_alloc    -> plan the load into the blocks vLLM allocated (leases them)
@@ -35,13 +35,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from vllm.v1.request import RequestStatus
 
-from kvbm.hashing import BlockHasher, HashedBlocks
-from kvbm.ids import BlockHash, JobId, Tier
-from kvbm.manager import BlockManager
-from kvbm.policy import OffloadPolicy
-from kvbm.remote.metadata import BlockGrant
-from kvbm.remote.publication import Publication
-from kvbm.stats import KvbmStats
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.engine_layout import block_bytes, check_supported, layout_fingerprint
 from kvbm.connectors.vllm.handoff import KEY, NOTHING_HANDED_OFF, Handoff, attach_grant, wants_handoff
@@ -56,6 +49,13 @@ from kvbm.connectors.vllm.metadata import (
 )
 from kvbm.connectors.vllm.request_extras import block_extras
 from kvbm.connectors.vllm.suspect_blocks import SuspectBlocks
+from kvbm.hashing import BlockHasher, HashedBlocks
+from kvbm.ids import BlockHash, JobId, Tier
+from kvbm.manager.block_manager import BlockManager
+from kvbm.manager.policy import OffloadPolicy
+from kvbm.manager.stats import KvbmStats
+from kvbm.remote.metadata import BlockGrant
+from kvbm.remote.publication import Publication
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -21,7 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-from kvbm.stats import KvbmStats
+from kvbm.manager.stats import KvbmStats
 
 # Counters and gauges exported per tier, from KvbmStats.to_dict()["tiers"][name].
 _GAUGES = ("capacity_blocks", "used_blocks", "pinned_blocks")

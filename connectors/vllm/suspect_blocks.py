@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from kvbm.ids import JobId
-from kvbm.jobs import JobResult
+from kvbm.transfer.jobs import JobResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,17 +34,17 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from kvbm.disk_copy import DiskHandlers, disk_handlers
-from kvbm.host_copy import host_handlers
-from kvbm.ids import JobId, Tier
-from kvbm.jobs import JobResult, TransferJob
-from kvbm.layout import EngineKV
-from kvbm.tiers.host import HostBuffer
-from kvbm.transfer import TransferEngine
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.engine_layout import block_bytes, layout_fingerprint
 from kvbm.connectors.vllm.held_blocks import HeldBlocks
 from kvbm.connectors.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata
+from kvbm.ids import JobId, Tier
+from kvbm.layout import EngineKV
+from kvbm.tiers.disk.handlers import DiskHandlers, disk_handlers
+from kvbm.tiers.host import HostBuffer
+from kvbm.transfer.engine import TransferEngine
+from kvbm.transfer.host_copy import host_handlers
+from kvbm.transfer.jobs import JobResult, TransferJob
 
 if TYPE_CHECKING:
     import torch

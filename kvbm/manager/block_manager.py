@@ -1,8 +1,8 @@
 """Block manager: where each block lives, and the transfer jobs that move blocks between tiers.
 
 Planning is pure bookkeeping; bytes move only when the caller submits the returned jobs to a
-:class:`~kvbm.transfer.TransferEngine` (possibly in another process) and hands each
-:class:`~kvbm.jobs.JobResult` back to :meth:`BlockManager.complete`. Call order:
+:class:`~kvbm.transfer.engine.TransferEngine` (possibly in another process) and hands each
+:class:`~kvbm.transfer.jobs.JobResult` back to :meth:`BlockManager.complete`. Call order:
 
     lookup(blocks, start)            -> PrefixMatch   # longest prefix held below the engine
     onboard(blocks, g1_ids)          -> OnboardPlan   # leases the blocks; jobs copy them to G1
@@ -26,14 +26,14 @@ Integrity: a hash hit whose recorded tokens differ from the prompt's is a miss (
 token mismatch). Loads from G2 carry the blocks' checksums when ``verify_g2_reads`` is set;
 loads from G3 always do.
 
-Tiers are consulted nearest first: G2, then G3 when ``g3_dir`` is set. G3 (``kvbm.cascade``)
-is fed by demotion from G2 under the offload policy. Demotion jobs belong to no request: the
-manager plans them itself (when a G1 -> G2 store commits, or before G2 must evict) and hands
-them out only through ``take_jobs``, which the caller drains every step; each holds a G2 lease
-until its result comes back, so it has no ordering constraint against other jobs. Onboarding
-from G3 goes straight to G1 when G1 is host memory (``g1_on_host``), else G3 -> G2 -> G1 as two
-jobs in one plan, to be submitted in order to one engine. Not thread-safe: call from one
-thread. ``close`` flushes and releases G3's index.
+Tiers are consulted nearest first: G2, then G3 when ``g3_dir`` is set. G3
+(``kvbm.tiers.disk.cascade``) is fed by demotion from G2 under the offload policy. Demotion
+jobs belong to no request: the manager plans them itself (when a G1 -> G2 store commits, or
+before G2 must evict) and hands them out only through ``take_jobs``, which the caller drains
+every step; each holds a G2 lease until its result comes back, so it has no ordering constraint
+against other jobs. Onboarding from G3 goes straight to G1 when G1 is host memory
+(``g1_on_host``), else G3 -> G2 -> G1 as two jobs in one plan, to be submitted in order to one
+engine. Not thread-safe: call from one thread. ``close`` flushes and releases G3's index.
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ from collections.abc import Callable
 import numpy as np
 
 from kvbm.burst_log import BurstLog
-from kvbm.cascade import G3Cascade, Kind, Pending
 from kvbm.config import KvbmConfig
-from kvbm.events import EventLog, KvEvent
 from kvbm.hashing import HashedBlocks, LayoutFingerprint
 from kvbm.ids import JobId, Tier
-from kvbm.jobs import JobResult, TransferJob
-from kvbm.plans import BlockIds, OnboardPlan, PrefixMatch, block_ids, rows_equal
-from kvbm.policy import FrequencyFilter, OffloadPolicy
-from kvbm.read_failures import READS_BEFORE_DROP, ReadFailures
-from kvbm.stats import KvbmStats, LatencyWindow, TierCounters, TierStats
+from kvbm.manager.events import EventLog, KvEvent
+from kvbm.manager.plans import BlockIds, OnboardPlan, PrefixMatch, block_ids, rows_equal
+from kvbm.manager.policy import FrequencyFilter, OffloadPolicy
+from kvbm.manager.stats import KvbmStats, LatencyWindow, TierCounters, TierStats
 from kvbm.tiers.base import TierIndex
-from kvbm.tiers.disk_index import DiskIndex
+from kvbm.tiers.disk.cascade import G3Cascade, Kind, Pending
+from kvbm.tiers.disk.index import DiskIndex
+from kvbm.tiers.disk.read_failures import READS_BEFORE_DROP, ReadFailures
 from kvbm.tiers.slot_index import SlotIndex
+from kvbm.transfer.jobs import JobResult, TransferJob
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The plans the block manager returns: what a lookup found and what an onboarding moves.
 
-They live apart from :mod:`kvbm.manager` only to keep that module small; import them from
-either (``kvbm.manager`` re-exports them).
+They live apart from :mod:`kvbm.manager.block_manager` only to keep that module small;
+import them from either (``block_manager`` re-exports them).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvbm.ids import Tier
-from kvbm.jobs import TransferJob
+from kvbm.transfer.jobs import TransferJob
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Offload policy: when a block computed in the engine is copied down to the host tier.
 
-Two engine events drive offloading (see :class:`kvbm.manager.BlockManager`):
+Two engine events drive offloading (see :class:`kvbm.manager.block_manager.BlockManager`):
 
 - ``blocks_computed``: the engine finished writing full blocks. ``WRITE_THROUGH`` offloads
   them now; ``ON_EVICTION`` does nothing yet.

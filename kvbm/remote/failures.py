@@ -1,6 +1,6 @@
 """Why a remote operation failed: one enum, one exception, one reason format.
 
-A failed pull is a :class:`~kvbm.jobs.JobResult` whose ``reason`` starts with the kind
+A failed pull is a :class:`~kvbm.transfer.jobs.JobResult` whose ``reason`` starts with the kind
 (``"peer_lost: ..."``), so a connector can both log it and count it by :class:`FailureKind`
 (:func:`kind_of`). Every kind means the same thing to the caller: these blocks did not
 arrive intact, recompute them.

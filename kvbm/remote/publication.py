@@ -1,10 +1,10 @@
 """Which block hashes a worker can serve, kept current from its stored/removed events.
 
-The worker side (:class:`Publication`) folds :class:`~kvbm.events.BlockStored` /
-:class:`~kvbm.events.BlockRemoved` events (drained with the manager's ``take_events()``) into
-a set of servable hashes: a hash is published while at least one of the publishing tiers
-holds it (stored in G1 and G2, removed from G1: still published). Every change bumps a
-version; the last ``history`` versions are kept so a router can ask for a delta.
+The worker side (:class:`Publication`) folds :class:`~kvbm.manager.events.BlockStored` /
+:class:`~kvbm.manager.events.BlockRemoved` events (drained with the manager's
+``take_events()``) into a set of servable hashes: a hash is published while at least one of the
+publishing tiers holds it (stored in G1 and G2, removed from G1: still published). Every change
+bumps a version; the last ``history`` versions are kept so a router can ask for a delta.
 
 The router side (:class:`PublishedView`) applies what ``export(since)`` returns: a snapshot
 replaces its view, a delta moves it from version ``since`` to the new version. A delta that
@@ -22,8 +22,8 @@ import collections
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from kvbm.events import BlockRemoved, BlockStored, KvEvent
 from kvbm.ids import BlockHash, Tier
+from kvbm.manager.events import BlockRemoved, BlockStored, KvEvent
 from kvbm.remote.metadata import join_hashes, split_hashes
 
 

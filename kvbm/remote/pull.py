@@ -1,6 +1,6 @@
 """Pull jobs: read leased blocks from a peer into this worker's blocks, verify, report.
 
-Contract (owner thread only, like the core's :class:`~kvbm.transfer.TransferEngine`):
+Contract (owner thread only, like the core's :class:`~kvbm.transfer.engine.TransferEngine`):
 
     submit(grant, local_tier, local_ids, metadata=None) -> JobId     # blocks named by the source
     submit_hashes(address, hashes, local_tier, local_ids) -> JobId    # blocks named by hash
@@ -43,13 +43,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from kvbm.ids import BlockHash, JobId, Tier
-from kvbm.jobs import JobResult
+from kvbm.process.threads import thread_pool
 from kvbm.remote import exchange
 from kvbm.remote.agent import NixlTransport, ReadHandle
 from kvbm.remote.failures import FailureKind, RemoteError
 from kvbm.remote.keepalive import LeaseKeeper
 from kvbm.remote.metadata import BlockGrant, PeerMetadata
-from kvbm.threads import thread_pool
+from kvbm.transfer.jobs import JobResult
 
 _NONE = np.zeros(0, dtype=np.int64)
 

@@ -17,8 +17,8 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kvbm.process.threads import start_thread
 from kvbm.remote.failures import FailureKind, RemoteError
-from kvbm.threads import start_thread
 
 Handler = Callable[[Mapping[str, Any]], dict[str, Any]]
 

@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.events import KvEvent
 from kvbm.ids import BlockHash, JobId, Tier
-from kvbm.jobs import JobResult
+from kvbm.manager.events import KvEvent
+from kvbm.process.threads import start_thread
 from kvbm.remote import exchange
 from kvbm.remote.agent import NixlTransport
 from kvbm.remote.config import RemoteConfig
@@ -56,7 +56,7 @@ from kvbm.remote.publication import Publication
 from kvbm.remote.pull import PullCounters, PullEngine
 from kvbm.remote.sidechannel import SideChannelServer
 from kvbm.remote.source import BlockPinner, BlockSource
-from kvbm.threads import start_thread
+from kvbm.transfer.jobs import JobResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,3 +1,8 @@
-"""Storage tiers below the engine: the contract (``base``), the in-memory slot index that
-implements it (``slot_index``), G2's host buffer (``host``), and G3's directory
-(``disk_layout``), LMDB index (``disk_index``) and slot files (``disk_store``)."""
+"""Storage tiers below the engine.
+
+- ``base``: the tier contract: what the manager needs from any storage level below the engine.
+- ``slot_index``: the in-memory TierIndex (hash -> slot, LRU order, leases, two-phase store);
+  G2 uses it as is.
+- ``host``: G2's data plane: one kvbm-owned host buffer of fixed-size slots.
+- ``disk``: G3, the disk tier, in a package of its own.
+"""

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.blockcopy import copy_rows
 from kvbm.integrity import checksum_rows
 from kvbm.tiers.base import SlotStore
+from kvbm.transfer.blockcopy import copy_rows
 
 
 class HostBuffer(SlotStore):

@@ -1,6 +1,6 @@
 """In-memory TierIndex: hash → slot map, LRU order, leases, two-phase store.
 
-G2 uses it as is; the disk tier (``kvbm.tiers.disk_index``) wraps it, mirrors commits and
+G2 uses it as is; the disk tier (``kvbm.tiers.disk.index``) wraps it, mirrors commits and
 removals into LMDB, and rebuilds it at startup with ``adopt``. Per-slot scalars live in Python lists (cheaper than numpy for one element at a
 time); token rows and checksums live in numpy arrays indexed by slot, so batched reads of a
 prefix are one fancy-index each.
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvbm.events import BlockRemoved, BlockStored, EventLog
 from kvbm.hashing import TOKEN_DTYPE
 from kvbm.ids import BlockHash, Tier
+from kvbm.manager.events import BlockRemoved, BlockStored, EventLog
 from kvbm.tiers.base import StoreReservation, TierIndex, TierUsage
 
 

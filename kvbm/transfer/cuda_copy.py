@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.blockcopy import coalesce
 from kvbm.ids import JobId
 from kvbm.integrity import checksum_rows, mismatched
-from kvbm.jobs import HandlerOutcome, TransferJob
 from kvbm.layout import EngineKV
 from kvbm.tiers.host import HostBuffer
-from kvbm.transfer import TransferHandler
+from kvbm.transfer.blockcopy import coalesce
+from kvbm.transfer.engine import TransferHandler
+from kvbm.transfer.jobs import HandlerOutcome, TransferJob
 
 
 class CudaBlockCopier:

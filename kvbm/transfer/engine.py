@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from kvbm.ids import JobId, Tier
-from kvbm.jobs import HandlerOutcome, JobResult, TransferJob, failed_result
-from kvbm.threads import start_thread
+from kvbm.process.threads import start_thread
+from kvbm.transfer.jobs import HandlerOutcome, JobResult, TransferJob, failed_result
 
 
 class TransferHandler(abc.ABC):

@@ -1,10 +1,10 @@
 """Transfer handlers between registered engine memory (G1) and the host tier buffer (G2).
 
-``host_handlers`` picks the implementation from where G1 lives: numpy copies for host
-memory (this module), CUDA stream copies for GPU memory (``kvbm.cuda_copy``, imported only
-then). Either way a store returns the xxh3_64 checksum of every slot it wrote, and a load
-given ``expected_checksums`` verifies each source slot first and leaves corrupt blocks
-uncopied (reported in ``HandlerOutcome.corrupt``).
+``host_handlers`` picks the implementation from where G1 lives: numpy copies for host memory
+(this module), CUDA stream copies for GPU memory (``kvbm.transfer.cuda_copy``, imported only
+then). Either way a store returns the xxh3_64 checksum of every slot it wrote, and a load given
+``expected_checksums`` verifies each source slot first and leaves corrupt blocks uncopied
+(reported in ``HandlerOutcome.corrupt``).
 
 Stores checksum each chunk right after copying it, while the slots are still in cache.
 """
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvbm.blockcopy import gather_blocks, scatter_blocks
 from kvbm.ids import Tier
 from kvbm.integrity import checksum_rows, mismatched
-from kvbm.jobs import HandlerOutcome, TransferJob
 from kvbm.layout import EngineKV
 from kvbm.tiers.host import HostBuffer
-from kvbm.transfer import TransferHandler
+from kvbm.transfer.blockcopy import gather_blocks, scatter_blocks
+from kvbm.transfer.engine import TransferHandler
+from kvbm.transfer.jobs import HandlerOutcome, TransferJob
 
 _CHUNK_BYTES = 4 << 20  # a chunk of slots still in cache when its checksums are computed
 
@@ -38,7 +38,7 @@ def host_handlers(
     if g1.is_cuda:
         if not g2.pinned:
             raise ValueError("G1 is on a GPU: G2 must be pinned (HostBuffer(..., pinned=True))")
-        from kvbm.cuda_copy import CudaBlockCopier
+        from kvbm.transfer.cuda_copy import CudaBlockCopier
 
         copier = CudaBlockCopier(g1, g2, staging_bytes=cuda_staging_bytes)
         return {(Tier.G1, Tier.G2): copier.store_handler(), (Tier.G2, Tier.G1): copier.load_handler()}

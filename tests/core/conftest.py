@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 
 from kvbm.config import G3OnMismatch, KvbmConfig
-from kvbm.events import EventLog
 from kvbm.hashing import BlockHasher, HashedBlocks, LayoutFingerprint
-from kvbm.host_copy import host_handlers
 from kvbm.ids import Tier
-from kvbm.jobs import JobResult, TransferJob
 from kvbm.layout import EngineKV
-from kvbm.manager import BlockManager
+from kvbm.manager.block_manager import BlockManager
+from kvbm.manager.events import EventLog
 from kvbm.tiers.base import SlotStore, TierIndex
-from kvbm.tiers.disk_index import DiskIndex
-from kvbm.tiers.disk_layout import DiskLayout, open_directory
-from kvbm.tiers.disk_store import DiskSlotStore
+from kvbm.tiers.disk.index import DiskIndex
+from kvbm.tiers.disk.layout import DiskLayout, open_directory
+from kvbm.tiers.disk.store import DiskSlotStore
 from kvbm.tiers.host import HostBuffer
 from kvbm.tiers.slot_index import SlotIndex
-from kvbm.transfer import TransferEngine
+from kvbm.transfer.engine import TransferEngine
+from kvbm.transfer.host_copy import host_handlers
+from kvbm.transfer.jobs import JobResult, TransferJob
 
 BLOCK_SIZE = 4
 

@@ -9,8 +9,8 @@ import pytest
 from kvbm.config import G3OnMismatch, KvbmConfig
 from kvbm.connectors.vllm.config import ConnectorConfig, LoadFailurePolicy, resolve_load_failure
 from kvbm.errors import ConfigError
-from kvbm.manager import BlockManager
-from kvbm.policy import OffloadPolicy
+from kvbm.manager.block_manager import BlockManager
+from kvbm.manager.policy import OffloadPolicy
 
 
 def test_defaults_and_round_trip() -> None:

@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbm.blockcopy import coalesce, gather_blocks, scatter_blocks
 from kvbm.ids import BlockHash, JobId, Tier
-from kvbm.jobs import TransferJob
-from kvbm.host_copy import host_handlers
 from kvbm.layout import BlockLayout, EngineKV
 from kvbm.tiers.host import HostBuffer
-from kvbm.transfer import TransferEngine
+from kvbm.transfer.blockcopy import coalesce, gather_blocks, scatter_blocks
+from kvbm.transfer.engine import TransferEngine
+from kvbm.transfer.host_copy import host_handlers
+from kvbm.transfer.jobs import TransferJob
 
 from .conftest import cuda_available
 

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from kvbm.events import BlockRemoved, BlockStored
 from kvbm.hashing import HashedBlocks
 from kvbm.ids import Tier
-from kvbm.jobs import JobResult, TransferJob, failed_result
+from kvbm.manager.events import BlockRemoved, BlockStored
+from kvbm.transfer.jobs import JobResult, TransferJob, failed_result
 
 from .conftest import make_blocks, make_hasher
 
@@ -225,7 +225,7 @@ def test_stats_snapshot_json_and_prometheus(make_node) -> None:
 
 def test_stats_before_any_traffic() -> None:
     from kvbm.config import KvbmConfig
-    from kvbm.manager import BlockManager
+    from kvbm.manager.block_manager import BlockManager
 
     stats = BlockManager(KvbmConfig(g2_capacity_bytes=1000), block_size=4, block_bytes=100).stats()
     g2 = stats.tier(Tier.G2)

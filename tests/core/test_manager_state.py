@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvbm.config import KvbmConfig
-from kvbm.events import BlockRemoved, BlockStored
-from kvbm.host_copy import host_handlers
 from kvbm.ids import BlockHash, Tier
-from kvbm.jobs import TransferJob, failed_result
 from kvbm.layout import EngineKV
-from kvbm.manager import BlockManager
+from kvbm.manager.block_manager import BlockManager
+from kvbm.manager.events import BlockRemoved, BlockStored
 from kvbm.tiers.host import HostBuffer
-from kvbm.transfer import TransferEngine
+from kvbm.transfer.engine import TransferEngine
+from kvbm.transfer.host_copy import host_handlers
+from kvbm.transfer.jobs import TransferJob, failed_result
 
 from .conftest import BLOCK_SIZE, make_hasher, make_tokens
 

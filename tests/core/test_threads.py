@@ -1,4 +1,4 @@
-"""kvbm's threads escape the engine's core binding (see kvbm/threads.py)."""
+"""kvbm's threads escape the engine's core binding (see kvbm/process/threads.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 SCRIPT = textwrap.dedent(
     """
     import os, queue, threading
-    from kvbm.threads import start_thread, thread_pool
+    from kvbm.process.threads import start_thread, thread_pool
     first, last = {first}, {last}
     omp_ready, stop = threading.Event(), threading.Event()
     def omp_thread():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvbm.events import BlockRemoved, BlockStored, EventLog
 from kvbm.hashing import TOKEN_DTYPE
 from kvbm.ids import BlockHash
+from kvbm.manager.events import BlockRemoved, BlockStored, EventLog
 from kvbm.tiers.base import SlotStore, TierIndex
 
 from .conftest import SLOT_STORE_FACTORIES, TIER_INDEX_FACTORIES

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvbm.events import BlockRemoved, BlockStored, EventLog
 from kvbm.hashing import TOKEN_DTYPE
 from kvbm.ids import BlockHash
+from kvbm.manager.events import BlockRemoved, BlockStored, EventLog
 
 from .conftest import TIER_INDEX_FACTORIES
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kvbm.ids import BlockHash, JobId, Tier
-from kvbm.jobs import HandlerOutcome, TransferJob
-from kvbm.transfer import TransferEngine, TransferHandler
+from kvbm.transfer.engine import TransferEngine, TransferHandler
+from kvbm.transfer.jobs import HandlerOutcome, TransferJob
 
 
 def make_job(job_id: int, n: int = 2, src: Tier = Tier.G1, dst: Tier = Tier.G2) -> TransferJob:

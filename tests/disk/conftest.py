@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from kvbm.config import KvbmConfig
-from kvbm.disk_copy import DiskHandlers, disk_handlers
 from kvbm.hashing import BlockHasher, HashedBlocks, LayoutFingerprint
-from kvbm.host_copy import host_handlers
 from kvbm.ids import BlockHash
-from kvbm.jobs import JobResult, TransferJob
 from kvbm.layout import EngineKV
-from kvbm.manager import BlockManager
+from kvbm.manager.block_manager import BlockManager
+from kvbm.tiers.disk.handlers import DiskHandlers, disk_handlers
 from kvbm.tiers.host import HostBuffer
-from kvbm.transfer import TransferEngine
+from kvbm.transfer.engine import TransferEngine
+from kvbm.transfer.host_copy import host_handlers
+from kvbm.transfer.jobs import JobResult, TransferJob
 
 BLOCK_SIZE = 4
 LAYERS = (4096, 8192)  # 12 KiB blocks: 4 KiB multiples, so O_DIRECT moves them without a bounce

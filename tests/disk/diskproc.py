@@ -86,11 +86,11 @@ def worker(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from kvbm.disk_copy import disk_handlers
-    from kvbm.host_copy import host_handlers
     from kvbm.layout import EngineKV
+    from kvbm.tiers.disk.handlers import disk_handlers
     from kvbm.tiers.host import HostBuffer
-    from kvbm.transfer import TransferEngine
+    from kvbm.transfer.engine import TransferEngine
+    from kvbm.transfer.host_copy import host_handlers
 
     from .conftest import BLOCK_BYTES, LAYERS, content, make_fingerprint
 

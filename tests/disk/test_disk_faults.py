@@ -15,7 +15,7 @@ import lmdb
 import pytest
 
 from kvbm.ids import Tier
-from kvbm.tiers import disk_store
+from kvbm.tiers.disk import store as disk_store
 
 from .conftest import (
     STRIDE,
@@ -41,9 +41,11 @@ def test_writes_past_a_file_size_limit_fail_are_counted_and_logged_once(tmp_path
     assert (g3["blocks_offloaded"], g3["io_errors"], g3["transfers"], g3["transfer_failures"]) == (6, 10, 2, 2)
     assert g3["used_blocks"] == 6 and g3["pinned_blocks"] == 0
     assert (out["matched"], out["tiers"], out["served"], out["intact"], out["read_ok"]) == (6, ["g3"], 6, 6, True)
-    store_lines = [line for line in child.stderr.splitlines() if line.startswith("WARNING kvbm.tiers.disk_store")]
+    store_lines = [line for line in child.stderr.splitlines() if line.startswith("WARNING kvbm.tiers.disk.store")]
     assert len(store_lines) == 1 and "EFBIG" in store_lines[0]  # two failing batches, one line
-    manager_lines = [line for line in child.stderr.splitlines() if line.startswith("WARNING kvbm.manager")]
+    manager_lines = [
+        line for line in child.stderr.splitlines() if line.startswith("WARNING kvbm.manager.block_manager")
+    ]
     assert len(manager_lines) == 1
 
 
@@ -75,7 +77,7 @@ def test_a_full_filesystem_fails_only_the_blocks_that_do_not_fit(small_filesyste
         g3 = node.manager.stats().tier(G3)
         assert g3.blocks_offloaded + g3.io_errors == 64
         assert 0 < g3.blocks_offloaded < 64 and g3.used_blocks == g3.blocks_offloaded
-        enospc = [r for r in caplog.records if "ENOSPC" in r.message and r.name == "kvbm.tiers.disk_store"]
+        enospc = [r for r in caplog.records if "ENOSPC" in r.message and r.name == "kvbm.tiers.disk.store"]
         assert len(enospc) == 1  # one burst, one line
         # Serving goes on: whatever G3 stored is served intact, the rest is a miss.
         plan = node.manager.onboard(blocks, list(range(64)))
@@ -206,7 +208,7 @@ def test_eio_on_reads_writes_and_syncs_fails_only_those_blocks_and_serving_goes_
             after = node.manager.stats().tier(G3)
         assert after.blocks_offloaded == before.blocks_offloaded
         assert after.io_errors - before.io_errors >= 8
-        assert any("EIO" in r.message for r in caplog.records if r.name == "kvbm.tiers.disk_store")
+        assert any("EIO" in r.message for r in caplog.records if r.name == "kvbm.tiers.disk.store")
 
         # The disk recovers: serving (and storing) goes on.
         failing.sync_fails = False

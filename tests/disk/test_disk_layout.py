@@ -12,7 +12,7 @@ import pytest
 
 from kvbm.config import G3OnMismatch
 from kvbm.errors import ConfigError
-from kvbm.tiers.disk_layout import DiskLayout, G3LayoutError, open_directory
+from kvbm.tiers.disk.layout import DiskLayout, G3LayoutError, open_directory
 
 from .conftest import BLOCK_BYTES, make_fingerprint
 
@@ -142,8 +142,8 @@ def test_short_and_missing_slot_files_are_repaired_and_reported(tmp_path: Path, 
 
 
 def test_the_index_never_follows_a_symlink(tmp_path: Path) -> None:
-    from kvbm.events import EventLog
-    from kvbm.tiers.disk_index import DiskIndex
+    from kvbm.manager.events import EventLog
+    from kvbm.tiers.disk.index import DiskIndex
 
     g3 = tmp_path / "g3"
     open_directory(str(g3), layout(), on_mismatch=REFUSE, owner=True).close()

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm.events import BlockRemoved, BlockStored
 from kvbm.ids import Tier
+from kvbm.manager.events import BlockRemoved, BlockStored
 
 from .conftest import BLOCK_BYTES, STRIDE, g3_config, make_blocks, slot_file
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.events import BlockRemoved, BlockStored
 from kvbm.ids import BlockHash, Tier
-from kvbm.tiers.disk_index import INDEX_SYNC_S, IndexSyncer
-from kvbm.tiers.disk_layout import G3LayoutError
+from kvbm.manager.events import BlockRemoved, BlockStored
+from kvbm.tiers.disk.index import INDEX_SYNC_S, IndexSyncer
+from kvbm.tiers.disk.layout import G3LayoutError
 
 from .conftest import (
     build_node,
@@ -157,7 +157,7 @@ def test_another_fingerprint_is_refused_or_wiped_across_processes(tmp_path: Path
 
 
 def test_an_index_lmdb_cannot_read_is_refused_or_wiped(tmp_path: Path, caplog) -> None:
-    """What a system crash between two index syncs can leave (see kvbm.tiers.disk_index)."""
+    """What a system crash between two index syncs can leave (see kvbm.tiers.disk.index)."""
     directory = tmp_path / "g3"
     config, a = written_and_closed(directory, seed=6)
     (directory / "index" / "data.mdb").write_bytes(b"\xa5" * 8192)  # torn pages, meta included

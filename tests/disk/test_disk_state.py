@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvbm.events import BlockRemoved, BlockStored
 from kvbm.hashing import BlockHasher, HashedBlocks
 from kvbm.ids import BlockHash, Tier
-from kvbm.jobs import TransferJob, failed_result
+from kvbm.manager.events import BlockRemoved, BlockStored
+from kvbm.transfer.jobs import TransferJob, failed_result
 
 from .conftest import BLOCK_SIZE, STRIDE, build_node, g3_config, make_blocks, make_fingerprint, slot_file
 

@@ -13,8 +13,8 @@ import pytest
 import xxhash
 
 from kvbm.config import G3OnMismatch
-from kvbm.tiers.disk_layout import DiskLayout, open_directory
-from kvbm.tiers.disk_store import DiskSlotStore
+from kvbm.tiers.disk.layout import DiskLayout, open_directory
+from kvbm.tiers.disk.store import DiskSlotStore
 from kvbm.tiers.host import HostBuffer
 
 from .conftest import make_fingerprint

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from kvbm.ids import Tier
-from kvbm.manager import BlockManager
-from kvbm.tiers.disk_layout import G3LayoutError
+from kvbm.manager.block_manager import BlockManager
+from kvbm.tiers.disk.layout import G3LayoutError
 
 from .conftest import BLOCK_BYTES, BLOCK_SIZE, REPO, g3_config, make_blocks, make_fingerprint
 

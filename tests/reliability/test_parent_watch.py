@@ -1,4 +1,4 @@
-"""A server started by kvbm exits when its starter dies by SIGKILL (kvbm.serving.parent_watch)."""
+"""A server started by kvbm exits when its starter dies by SIGKILL (kvbm.process.parent_watch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import textwrap
 import time
 
-from kvbm.serving import parent_watch
+from kvbm.process import parent_watch
 
 # The starter spawns a "server" (a session of its own, as VLLMServer does) that runs the watch,
 # plus a child of the server, and prints their pids; the server ignores SIGTERM so the test
@@ -19,7 +19,7 @@ STARTER = textwrap.dedent(
     import os, subprocess, sys
     code = '''
     import os, signal, subprocess, sys, time
-    from kvbm.serving import parent_watch
+    from kvbm.process import parent_watch
     parent_watch.GRACE_S = 0.5
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -27,7 +27,7 @@ STARTER = textwrap.dedent(
     print(os.getpid(), child.pid, flush=True)
     time.sleep(600)
     '''
-    from kvbm.serving import parent_watch
+    from kvbm.process import parent_watch
     env = {**os.environ, "KVBM_EXIT_WITH_PID": parent_watch.starter_value()}
     server = subprocess.Popen([sys.executable, "-c", code.replace("\\n    ", "\\n")], env=env,
                               start_new_session=True, stdout=subprocess.PIPE, text=True)
@@ -69,13 +69,13 @@ def test_a_server_whose_starter_died_before_its_watch_began_exits():
     """serve stopped while a server was still importing vLLM: the server is an orphan from the
     start (CI once found one alive, parent pid 1, long after serve had stopped)."""
     starter = subprocess.run(
-        [sys.executable, "-c", "from kvbm.serving import parent_watch; print(parent_watch.starter_value())"],
+        [sys.executable, "-c", "from kvbm.process import parent_watch; print(parent_watch.starter_value())"],
         capture_output=True,
         text=True,
         check=True,
     )
     code = (
-        "import time; from kvbm.serving import parent_watch; parent_watch.GRACE_S = 0.5; "
+        "import time; from kvbm.process import parent_watch; parent_watch.GRACE_S = 0.5; "
         "assert parent_watch.watch(); time.sleep(600)"
     )
     orphan = subprocess.Popen(

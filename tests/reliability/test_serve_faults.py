@@ -4,7 +4,7 @@ One ``python -m kvbm.serving serve`` (1 prefill + 1 decode, tiny model, float32)
 the module, in this order: HTTP fuzzing, 64 concurrent streams over 1,000 requests (no error,
 no leaked block or lease, no memory growth), the decode worker killed with SIGKILL mid-stream
 and replaced through the admin API, and last the serve process itself killed with SIGKILL
-mid-stream, after which no worker may outlive it (kvbm.serving.parent_watch); then serve is
+mid-stream, after which no worker may outlive it (kvbm.process.parent_watch); then serve is
 started again on the same G3 directories (one per worker, ``--g3-dir``) and comes back warm.
 
 Each test prints the figures the README's reliability section records.

@@ -103,8 +103,8 @@ def _result_dict(r) -> dict[str, Any]:
 
 def serve(conn, spec: PeerSpec) -> None:
     os.environ.setdefault("UCX_TCP_NODELAY", "y")
-    from kvbm.events import BlockRemoved, BlockStored
     from kvbm.layout import BlockLayout, EngineKV
+    from kvbm.manager.events import BlockRemoved, BlockStored
     from kvbm.remote import BlockGrant, PeerMetadata, RemoteConfig, RemoteWorker, engine_tier, host_tier
     from kvbm.tiers.host import HostBuffer
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbm.events import BlockRemoved, BlockStored
 from kvbm.ids import BlockHash, Tier
+from kvbm.manager.events import BlockRemoved, BlockStored
 from kvbm.remote import FailureKind, Publication, PublishedView, RemoteError
 from kvbm.remote.sidechannel import SideChannelServer, request, split_address
 

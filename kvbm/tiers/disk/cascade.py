@@ -1,7 +1,7 @@
 """The G2 <-> G3 half of the block manager: demotion to disk and onboarding through G2.
 
-:class:`~kvbm.manager.BlockManager` owns one :class:`G3Cascade` when ``g3_dir`` is set and
-forwards to it; this module holds no state the manager does not hand it.
+:class:`~kvbm.manager.block_manager.BlockManager` owns one :class:`G3Cascade` when ``g3_dir``
+is set and forwards to it; this module holds no state the manager does not hand it.
 
 Demotion (G2 -> G3) follows the offload policy:
 
@@ -44,11 +44,11 @@ import numpy as np
 from kvbm.burst_log import BurstLog
 from kvbm.config import KvbmConfig
 from kvbm.ids import BlockHash, JobId, Tier
-from kvbm.jobs import JobResult, TransferJob
-from kvbm.policy import OffloadPolicy
-from kvbm.stats import TierCounters
-from kvbm.tiers.disk_index import DiskIndex, DiskIndexError
+from kvbm.manager.policy import OffloadPolicy
+from kvbm.manager.stats import TierCounters
+from kvbm.tiers.disk.index import DiskIndex, DiskIndexError
 from kvbm.tiers.slot_index import SlotIndex
+from kvbm.transfer.jobs import JobResult, TransferJob
 
 
 class Kind(enum.Enum):

@@ -1,7 +1,7 @@
 """Transfer handlers for the G3 disk tier: the worker's half of G3.
 
 ``disk_handlers`` opens ``config.g3_dir``'s slot files (as a user; the scheduler's
-:class:`~kvbm.manager.BlockManager` owns the index) and returns handlers for
+:class:`~kvbm.manager.block_manager.BlockManager` owns the index) and returns handlers for
 
 - (G2, G3) demotion: G2 slots written straight from the host buffer, then one fdatasync per
   file touched; the job succeeds only for blocks whose bytes are durable, so the manager's
@@ -27,17 +27,17 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from kvbm.blockcopy import scatter_blocks
 from kvbm.config import KvbmConfig
 from kvbm.hashing import LayoutFingerprint
 from kvbm.ids import Tier
 from kvbm.integrity import checksum_rows, mismatched
-from kvbm.jobs import HandlerOutcome, TransferJob
 from kvbm.layout import EngineKV
-from kvbm.tiers.disk_layout import DiskLayout, open_directory
-from kvbm.tiers.disk_store import DiskSlotStore, IoBatch, IoOutcome
+from kvbm.tiers.disk.layout import DiskLayout, open_directory
+from kvbm.tiers.disk.store import DiskSlotStore, IoBatch, IoOutcome
 from kvbm.tiers.host import HostBuffer
-from kvbm.transfer import TransferHandler
+from kvbm.transfer.blockcopy import scatter_blocks
+from kvbm.transfer.engine import TransferHandler
+from kvbm.transfer.jobs import HandlerOutcome, TransferJob
 
 _READ_CHUNK_BYTES = 32 << 20  # one verified chunk: 8 pool tasks, so 4 reads stay in flight
 _EMPTY = np.zeros(0, dtype=np.int64)

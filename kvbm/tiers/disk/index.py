@@ -52,11 +52,11 @@ import numpy as np
 
 from kvbm.config import G3OnMismatch, KvbmConfig
 from kvbm.errors import KvbmError
-from kvbm.events import EventLog
 from kvbm.hashing import TOKEN_DTYPE, LayoutFingerprint
 from kvbm.ids import BlockHash, Tier
+from kvbm.manager.events import EventLog
 from kvbm.tiers.base import StoreReservation, TierIndex, TierUsage
-from kvbm.tiers.disk_layout import DiskLayout, G3Directory, G3LayoutError, open_directory
+from kvbm.tiers.disk.layout import DiskLayout, G3Directory, G3LayoutError, open_directory
 from kvbm.tiers.slot_index import SlotIndex
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ outside it, never following a symlink inside it):
     kvbm-g3.lock        flock held exclusively while a process opens (checks, formats, wipes)
     kvbm-g3.users       flock held shared by every process using the directory
     kvbm-g3.owner       flock held exclusively by the one process owning the index (scheduler)
-    index/              the LMDB index (``kvbm.tiers.disk_index``)
+    index/              the LMDB index (``kvbm.tiers.disk.index``)
     slots-NNNNN.bin     preallocated slot files, ``slots_per_file`` slots of ``slot_stride`` bytes
 
 Contract of :func:`open_directory`, called by both halves of the tier (the scheduler's index

@@ -1,7 +1,7 @@
 """G3 data plane: slot files read and written in batches by a pool of preadv/pwritev threads.
 
 Slot ``s`` lives in file ``s // slots_per_file`` at offset ``(s % slots_per_file) * slot_stride``
-(``kvbm.tiers.disk_layout``). A batch is sorted by slot and cut into runs of consecutive slots
+(``kvbm.tiers.disk.layout``). A batch is sorted by slot and cut into runs of consecutive slots
 in one file, each run into tasks of at most ``chunk_bytes``; every task is one ``pwritev`` or
 ``preadv`` on the pool, so several requests are in flight at once (the disk's read floor needs
 about four) and the GIL is released while the kernel copies.
@@ -35,9 +35,9 @@ import numpy as np
 
 from kvbm.burst_log import BurstLog
 from kvbm.integrity import checksum_rows
+from kvbm.process.threads import thread_pool
 from kvbm.tiers.base import SlotStore
-from kvbm.tiers.disk_layout import SLOT_ALIGN, G3Directory
-from kvbm.threads import thread_pool
+from kvbm.tiers.disk.layout import SLOT_ALIGN, G3Directory
 
 logger = logging.getLogger(__name__)
 
