@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from helpers import FakeClock
 from kvbm.config import KvbmConfig
 from kvbm.connectors.vllm.config import ConnectorConfig
 from kvbm.connectors.vllm.handoff import Handoff, wants_handoff
@@ -39,14 +40,6 @@ def grant(n: int, lease_id: int = 4) -> BlockGrant:
         lease_s=30.0,
         side_channel="127.0.0.1:5555",
     )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- Handoff -------------------------------------------------------------------------------
@@ -132,7 +125,7 @@ def test_remote_config_errors_name_the_field():
 
 
 def test_pin_longest_prefix_and_end_after_read():
-    held = HeldBlocks(hold_s=30, clock=Clock())
+    held = HeldBlocks(hold_s=30, clock=FakeClock(start=0.0))
     held.hold("r1", [h(1), h(2), h(3)], [10, 11, 12])
     pinned = held.pin([h(2), h(3), h(4)])
     assert pinned.tier is Tier.G1 and pinned.block_ids.tolist() == [11, 12]
@@ -143,7 +136,7 @@ def test_pin_longest_prefix_and_end_after_read():
 
 
 def test_pinned_blocks_outlive_the_deadline():
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     held = HeldBlocks(hold_s=5, clock=clock)
     held.hold("r1", [h(1)], [10])
     held.pin([h(1)])
@@ -154,7 +147,7 @@ def test_pinned_blocks_outlive_the_deadline():
 
 
 def test_unclaimed_hold_ends_at_deadline():
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     held = HeldBlocks(hold_s=5, clock=clock)
     held.hold("r1", [h(1)], [10])
     clock.now = 4.9
@@ -164,7 +157,7 @@ def test_unclaimed_hold_ends_at_deadline():
 
 
 def test_shared_blocks_stay_while_another_hold_names_them():
-    held = HeldBlocks(hold_s=30, clock=Clock())
+    held = HeldBlocks(hold_s=30, clock=FakeClock(start=0.0))
     held.hold("a", [h(1), h(2)], [10, 11])
     held.hold("b", [h(1), h(2)], [10, 11])
     held.pin([h(1), h(2)])
@@ -174,7 +167,7 @@ def test_shared_blocks_stay_while_another_hold_names_them():
 
 
 def test_release_ends_the_oldest_unread_hold():
-    held = HeldBlocks(hold_s=30, clock=Clock())
+    held = HeldBlocks(hold_s=30, clock=FakeClock(start=0.0))
     held.hold("a", [h(1), h(2)], [10, 11])
     held.hold("b", [h(1), h(2)], [10, 11])
     assert held.release([h(9)]) == 0
@@ -195,7 +188,7 @@ def test_duplicate_hold_and_length_mismatch_refused():
     "how, counted", [(LeaseEnd.RELEASED, "read"), (LeaseEnd.EXPIRED, "unclaimed"), (LeaseEnd.REVOKED, "revoked")]
 )
 def test_a_granted_hold_ends_exactly_with_its_lease(how, counted):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     held = HeldBlocks(hold_s=5, clock=clock)
     held.hold("r1", [h(1), h(2)], [10, 11], lease_id=7)
     clock.now = 100  # hold_s does not end it: its lease does
@@ -210,9 +203,9 @@ def test_a_granted_hold_ends_exactly_with_its_lease(how, counted):
 
 
 def test_a_release_by_lease_ends_that_lease_only_when_it_names_its_last_hash():
-    held = HeldBlocks(hold_s=30, clock=Clock())
+    held = HeldBlocks(hold_s=30, clock=FakeClock(start=0.0))
     tiers = {Tier.G1: object()}  # a grant with its checksums given never reads the tier
-    source = BlockSource(AgentName("p/1"), tiers, lease_s=30, clock=Clock(), pinner=held)
+    source = BlockSource(AgentName("p/1"), tiers, lease_s=30, clock=FakeClock(start=0.0), pinner=held)
     granted = source.grant(Tier.G1, [10, 11], [h(1), h(2)], checksums=np.zeros(2, dtype=np.uint64))
     held.hold("r1", [h(1), h(2)], [10, 11], lease_id=granted.lease_id)
     assert source.release_hashes([h(1)], granted.lease_id) == 0  # not its last hash

@@ -8,7 +8,6 @@ with ``make_router``; all routers and servers stop at teardown.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,18 +17,15 @@ import pytest
 from kvbm.serving.router import Router, RouterServer
 from kvbm.serving.router_config import RouterConfig
 from kvbm.serving.server_process import VLLMServer, free_port
-from kvbm.serving.sse import DONE, data_of
 from kvbm.serving.vllm_settings import EngineSettings
 from kvbm.serving.workers import WorkerRole
 
+from helpers import CHAT_TEMPLATE, MAX_TOKENS, MODEL, chat_body, completion_body, post, text_of
+
 pytestmark = pytest.mark.slow
 
-MODEL = "tiny"
-MAX_TOKENS = 12
 PROMPTS = ["The quick brown fox", "def main(argv):\n    parser = argparse.ArgumentParser()"]
 # The tiny model has no chat template: the servers get this one.
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-MESSAGES = [{"role": "user", "content": "Tell me about hash-addressed block managers."}]
 POLLS = 200
 POLL_S = 0.05
 
@@ -77,50 +73,6 @@ def make_router():
     yield make
     for server in started:
         server.stop()
-
-
-def completion_body(prompt: str, stream: bool = False) -> dict:
-    return {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-
-
-def chat_body(stream: bool = False) -> dict:
-    return {
-        "model": MODEL,
-        "messages": MESSAGES,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-
-
-def post(url: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(url + path, json=body, timeout=120)
-
-
-def text_of(reply: httpx.Response) -> str:
-    """The generated text of a completion or chat reply, streamed (SSE) or not."""
-    assert reply.status_code == 200, reply.text
-    if not reply.headers["content-type"].startswith("text/event-stream"):
-        choice = reply.json()["choices"][0]
-        return choice["text"] if "text" in choice else choice["message"]["content"]
-    parts = []
-    for data in data_of(reply.content):
-        if data == DONE:
-            continue
-        event = json.loads(data)
-        assert "error" not in event, event
-        for choice in event["choices"]:
-            parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
-    assert reply.text.rstrip().endswith("data: [DONE]")
-    return "".join(parts)
 
 
 def stats(router: RouterServer) -> dict:

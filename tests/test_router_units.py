@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from starlette.responses import StreamingResponse
 from starlette.testclient import TestClient
 
+from helpers import FakeClock
 from kvbm.connectors.vllm.handoff import Handoff
 from kvbm.ids import BlockHash, Tier
 from kvbm.remote import BlockGrant, LeaseId, exchange
@@ -550,23 +551,10 @@ def test_a_5xx_takes_a_worker_out_even_when_its_health_answers():
     assert [w.healthy for w in pool.all()] == [False, True]
 
 
-class Clock:
-    """Monotonic seconds that move only when the test says."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class TickingStream(httpx.AsyncByteStream):
     """A worker's SSE stream whose chunks come a second apart on ``clock``."""
 
-    def __init__(self, clock: Clock, chunks: list[bytes]) -> None:
+    def __init__(self, clock: FakeClock, chunks: list[bytes]) -> None:
         self._clock, self._chunks = clock, chunks
 
     async def __aiter__(self):
@@ -576,7 +564,7 @@ class TickingStream(httpx.AsyncByteStream):
 
 
 def test_every_chunk_a_worker_streams_is_recorded_as_its_progress():
-    clock = Clock()
+    clock = FakeClock()
     chunks = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -590,7 +578,7 @@ def test_every_chunk_a_worker_streams_is_recorded_as_its_progress():
 @pytest.mark.parametrize("status, progressed", [(200, True), (400, True), (500, False)])
 def test_an_answer_below_500_is_progress_and_a_5xx_is_not(status, progressed):
     answer = lambda request: httpx.Response(status, json={})  # noqa: E731
-    _, pool, _ = forward_once(answer, WorkerRole.DECODE, clock=Clock())
+    _, pool, _ = forward_once(answer, WorkerRole.DECODE, clock=FakeClock())
     assert pool.all()[0].last_progress == (100.0 if progressed else None)
 
 
@@ -633,7 +621,7 @@ class FakePrefillSideChannel:
 
     def __init__(self, log: list) -> None:
         self._log, self._lock = log, threading.Lock()
-        handlers = exchange.server_handlers(self._unused, self._unused, self._unused, self._release)
+        handlers = exchange.server_handlers(self._unused, self._unused, self._release)
         self.server = SideChannelServer("127.0.0.1", 0, handlers, timeout_s=5.0)
 
     @property
@@ -852,7 +840,7 @@ def test_a_launched_worker_whose_process_ended_is_failed_with_its_status():
 def test_late_probes_keep_a_worker_whose_requests_make_progress():
     pool = make_pool(WorkerRole.DECODE, WorkerRole.DECODE)
     busy, idle = pool.all()
-    clock = Clock()
+    clock = FakeClock()
     verdicts = ProbeVerdicts(pool, slow_to_eject=3, clock=clock)
     for _ in range(10):
         clock.advance(1.0)

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_router import CHAT_TEMPLATE, chat_body, completion_body, post, text_of
+from helpers import CHAT_TEMPLATE, chat_body, completion_body, post, text_of
 
 from kvbm.serving.__main__ import build_parser, router_fields
 from kvbm.serving.router_config import RouterConfig

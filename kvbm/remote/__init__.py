@@ -19,8 +19,9 @@ progress thread stays off because it spins a core): a source must poll for reads
 complete (see :mod:`kvbm.remote.agent` for the measured reasons).
 
 Peer fetch by hash asks the source's side channel instead: ``worker.pull_hashes(address,
-hashes, tier, ids)``. Routers read ``worker.published(since)`` (or the side channel's
-``published`` op) to learn which hashes a worker serves.
+hashes, tier, ids)``. Which hashes a worker serves is its scheduler side's to say (the block
+manager lives there): routers read its stats endpoint's ``/published``, which folds the
+manager's events with ``publication``.
 
 Modules, one job each: ``config`` (settings), ``regions`` (addressable layout of a tier),
 ``local`` (our tiers: registration views and checksums), ``metadata`` (what peers exchange),

@@ -192,10 +192,6 @@ class NixlTransport:
         # polls (until then a first read's bytes can land while its request stays pending).
         _quietly(self._agent.make_connection, metadata.agent)
 
-    def peer_metadata(self, agent: AgentName) -> PeerMetadata:
-        """Raises KeyError: ``agent`` is not loaded."""
-        return self._peers[agent].metadata
-
     def forget_peer(self, agent: AgentName) -> None:
         """Drop a peer's descriptor lists and NIXL connection; unknown agents are ignored.
         Reads still in flight from it are aborted and fail with STALE_PEER."""

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvbm.errors import ConfigError
-from kvbm.ids import Tier
 
 _WORKER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -43,7 +42,6 @@ class RemoteConfig:
             from this worker stall until it polls (see :mod:`kvbm.remote.agent`).
         notice_interval_s: how long a reader batches DONE notices per source before sending
             them (a notification delays the next read from that source until it polls).
-        publish_tiers: tiers whose stored/removed events make a block servable to peers.
     """
 
     worker: str
@@ -58,7 +56,6 @@ class RemoteConfig:
     verify: bool = True
     progress_interval_s: float = 0.001
     notice_interval_s: float = 0.05
-    publish_tiers: tuple[Tier, ...] = (Tier.G1, Tier.G2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker, str) or not _WORKER_RE.match(self.worker):
@@ -95,8 +92,6 @@ class RemoteConfig:
             raise ConfigError("side_channel_port", f"expected an int in [0, 65535], got {port!r}")
         if not isinstance(self.verify, bool):
             raise ConfigError("verify", f"expected a bool, got {self.verify!r}")
-        if not all(isinstance(t, Tier) for t in self.publish_tiers):
-            raise ConfigError("publish_tiers", f"expected Tier values, got {self.publish_tiers!r}")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> RemoteConfig:
@@ -114,8 +109,6 @@ class RemoteConfig:
                 raise ConfigError(str(key), f"unknown key; known keys: {', '.join(sorted(known))}")
             if key == "backends" and isinstance(value, list):
                 value = tuple(value)
-            elif key == "publish_tiers":
-                value = _parse_tiers(value)
             values[key] = value
         if "worker" not in values:
             raise ConfigError("worker", "required")
@@ -125,15 +118,4 @@ class RemoteConfig:
         """The JSON form: ``from_dict(cfg.to_dict()) == cfg``."""
         out = dataclasses.asdict(self)
         out["backends"] = list(self.backends)
-        out["publish_tiers"] = [t.value for t in self.publish_tiers]
         return out
-
-
-def _parse_tiers(value: Any) -> tuple[Tier, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError("publish_tiers", f"expected a list of tier names, got {value!r}")
-    try:
-        return tuple(t if isinstance(t, Tier) else Tier(t) for t in value)
-    except ValueError:
-        names = ", ".join(t.value for t in Tier)
-        raise ConfigError("publish_tiers", f"unknown tier in {value!r}; choose from {names}") from None

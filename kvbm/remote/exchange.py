@@ -6,7 +6,6 @@ op             request                                   reply
 ``metadata``   —                                         ``metadata``: PeerMetadata dict
 ``grant``      ``reader``, ``hashes`` (base64 of 16-byte  ``grant``: BlockGrant dict or null,
                hashes)                                   ``metadata``: PeerMetadata dict
-``published``  ``since``: version or null                ``published``: snapshot or delta dict
 ``release``    ``hashes`` (as for ``grant``), ``lease``:  ``released``: how many holds ended
                a lease id or null, ``agent``: the
                lease's granting agent or null
@@ -63,16 +62,6 @@ def request_grant(
     return _parse(address, parse)
 
 
-def fetch_published(address: str, since: int | None, timeout_s: float) -> dict[str, Any]:
-    """The worker's published hashes: a snapshot, or a delta since version ``since``.
-
-    Raises:
-        RemoteError: UNREACHABLE.
-    """
-    reply = request(address, {"op": "published", "since": since}, timeout_s)
-    return _parse(address, lambda: dict(reply["published"]))
-
-
 def request_release(
     address: str, hashes: Sequence[BlockHash], timeout_s: float, lease_id: int | None = None, agent: str | None = None
 ) -> int:
@@ -93,7 +82,6 @@ def request_release(
 def server_handlers(
     metadata: Callable[[], PeerMetadata],
     grant: Callable[[AgentName, tuple[BlockHash, ...]], BlockGrant | None],
-    published: Callable[[int | None], dict[str, Any]],
     release: Callable[[tuple[BlockHash, ...], int | None, str | None], int] = lambda hashes, lease_id, agent: 0,
 ) -> dict[str, Handler]:
     """Handlers for :class:`~kvbm.remote.sidechannel.SideChannelServer` over these callables."""
@@ -109,12 +97,6 @@ def server_handlers(
         got = grant(AgentName(reader), hashes)
         return {"grant": None if got is None else got.to_dict(), "metadata": metadata().to_dict()}
 
-    def on_published(req: Mapping[str, Any]) -> dict[str, Any]:
-        since = req.get("since")
-        if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
-            raise ValueError(f"since must be an int or null, got {since!r}")
-        return {"published": published(since)}
-
     def on_release(req: Mapping[str, Any]) -> dict[str, Any]:
         lease_id = req.get("lease")
         if lease_id is not None and (isinstance(lease_id, bool) or not isinstance(lease_id, int)):
@@ -124,7 +106,7 @@ def server_handlers(
             raise ValueError(f"agent must be a string or null, got {agent!r}")
         return {"released": release(split_hashes(base64.b64decode(req["hashes"])), lease_id, agent)}
 
-    return {"metadata": on_metadata, "grant": on_grant, "published": on_published, "release": on_release}
+    return {"metadata": on_metadata, "grant": on_grant, "release": on_release}
 
 
 def _parse(address: str, fn: Callable[[], Any]) -> Any:

@@ -5,15 +5,18 @@ It wires the pieces of this package together and forwards to them:
 - :class:`~kvbm.remote.agent.NixlTransport` — the NIXL agent (UCX, progress thread off);
 - :class:`~kvbm.remote.source.BlockSource` — grants and leases for readers of our blocks;
 - :class:`~kvbm.remote.pull.PullEngine` — our pulls from peers;
-- :class:`~kvbm.remote.publication.Publication` — the hashes we can serve;
-- :class:`~kvbm.remote.sidechannel.SideChannelServer` — metadata, grants by hash, publication.
+- :class:`~kvbm.remote.sidechannel.SideChannelServer` — metadata, grants by hash, releases.
+
+(Which hashes a worker serves is published by its scheduler side, where the block manager
+lives: :class:`~kvbm.remote.publication.Publication`, served at the stats endpoint's
+``/published``.)
 
 Call order:
 
     w = RemoteWorker(config)             # creates the NIXL agent and the side channel
     w.register(host_tier(g2, layout)); w.register(engine_tier(kv))
     w.metadata                           # snapshot for peers (also served on the side channel)
-    w.grant(...) / w.pull(...) / w.pull_hashes(...) / w.apply_events(events)
+    w.grant(...) / w.pull(...) / w.pull_hashes(...)
     w.progress() -> [JobResult, ...]     # call often (every engine step): advances pull jobs,
                                          # sends heartbeats and DONE notices
     w.close()
@@ -23,7 +26,7 @@ Threads: pulls, grants by id and registration run on the owner's thread. A progr
 readers' notices and expires leases, so a source serves reads, hears DONE and frees expired
 leases even while its owner is busy or idle (a read from this worker stalls until it polls:
 see :mod:`kvbm.remote.agent`). The side channel's threads serve metadata, grants by hash and
-the publication. ``BlockPinner.pin``/``unpin`` may therefore run on any of these threads,
+releases. ``BlockPinner.pin``/``unpin`` may therefore run on any of these threads,
 one at a time (the source's lock).
 
 Dead peers: a reader learns of a dead source from NIXL (``peer_lost``: UCX peer error
@@ -44,7 +47,6 @@ from typing import Any
 import numpy as np
 
 from kvbm.ids import BlockHash, JobId, Tier
-from kvbm.manager.events import KvEvent
 from kvbm.process.threads import start_thread
 from kvbm.remote import exchange
 from kvbm.remote.agent import NixlTransport
@@ -52,7 +54,6 @@ from kvbm.remote.config import RemoteConfig
 from kvbm.remote.leases import LeaseCounters
 from kvbm.remote.local import LocalTier
 from kvbm.remote.metadata import AgentName, BlockGrant, PeerMetadata, agent_name
-from kvbm.remote.publication import Publication
 from kvbm.remote.pull import PullCounters, PullEngine
 from kvbm.remote.sidechannel import SideChannelServer
 from kvbm.remote.source import BlockPinner, BlockSource
@@ -64,8 +65,6 @@ class RemoteStats:
     agent: str
     leases: LeaseCounters
     pulls: PullCounters
-    published_blocks: int
-    published_version: int
     background_errors: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,8 +112,6 @@ class RemoteWorker:
             notice_interval_s=config.notice_interval_s,
             verify=config.verify,
         )
-        self._publication = Publication(config.worker, config.publish_tiers)
-        self._publication_lock = threading.Lock()
         self._server: SideChannelServer | None = None
         self._address: str | None = None
         self._results: list[JobResult] = []
@@ -125,7 +122,7 @@ class RemoteWorker:
                     config.side_channel_host,
                     config.side_channel_port,
                     exchange.server_handlers(
-                        lambda: self._metadata, self._source.grant_hashes, self._export, self._source.release_hashes
+                        lambda: self._metadata, self._source.grant_hashes, self._source.release_hashes
                     ),
                     timeout_s=config.side_channel_timeout_s,
                 )
@@ -228,15 +225,6 @@ class RemoteWorker:
         """Give up a grant we were handed and will not read (see :meth:`PullEngine.release_grant`)."""
         self._pulls.release_grant(grant)
 
-    def apply_events(self, events: Iterable[KvEvent]) -> int:
-        """Fold the manager's stored/removed events into the publication; returns its version."""
-        with self._publication_lock:
-            return self._publication.apply(events)
-
-    def published(self, since: int | None = None) -> dict[str, Any]:
-        """Snapshot, or delta since version ``since``, of the hashes we serve (JSON-safe)."""
-        return self._export(since)
-
     def progress(self) -> list[JobResult]:
         """Apply readers' notices, expire leases, heartbeat, advance pulls; returns the pull
         jobs that finished."""
@@ -270,11 +258,7 @@ class RemoteWorker:
         return got
 
     def stats(self) -> RemoteStats:
-        with self._publication_lock:
-            published, version = len(self._publication), self._publication.version
-        return RemoteStats(
-            self.name, self._source.counters(), self._pulls.counters(), published, version, self._background_errors
-        )
+        return RemoteStats(self.name, self._source.counters(), self._pulls.counters(), self._background_errors)
 
     def close(self) -> None:
         """Stop serving, revoke leases, fail running pulls, release NIXL. Idempotent."""
@@ -314,7 +298,3 @@ class RemoteWorker:
                 self._serve_notices()
             except Exception:  # a failing unpin hook must not stop UCX progress; counted
                 self._background_errors += 1
-
-    def _export(self, since: int | None) -> dict[str, Any]:
-        with self._publication_lock:
-            return self._publication.export(since)

@@ -104,7 +104,6 @@ def _result_dict(r) -> dict[str, Any]:
 def serve(conn, spec: PeerSpec) -> None:
     os.environ.setdefault("UCX_TCP_NODELAY", "y")
     from kvbm.layout import BlockLayout, EngineKV
-    from kvbm.manager.events import BlockRemoved, BlockStored
     from kvbm.remote import BlockGrant, PeerMetadata, RemoteConfig, RemoteWorker, engine_tier, host_tier
     from kvbm.tiers.host import HostBuffer
 
@@ -185,15 +184,14 @@ def serve(conn, spec: PeerSpec) -> None:
             killer.wait(10)
         return out
 
-    def index(tier: str, ids: list[int], hashes: list[bytes], stored: bool = True) -> int:
+    def index(tier: str, ids: list[int], hashes: list[bytes], stored: bool = True) -> None:
+        """Where the pinner finds blocks by hash (as a worker's held blocks would say)."""
         t = Tier(tier)
-        event = BlockStored if stored else BlockRemoved
         for h, b in zip(hashes, ids):
             if stored:
                 pinner.where[BlockHash(h)] = (t, b)
             else:
                 pinner.where.pop(BlockHash(h), None)
-        return worker.apply_events([event(t, tuple(BlockHash(h) for h in hashes))])
 
     ops = {
         "metadata": lambda: worker.metadata.to_dict(),
@@ -222,7 +220,6 @@ def serve(conn, spec: PeerSpec) -> None:
         "wait": wait,
         "pull_loop": pull_loop,
         "index": index,
-        "published": lambda since=None: worker.published(since),
         "stats": lambda: worker.stats().to_dict(),
         "unpins": lambda: [list(u) for u in pinner.unpins],
         "pinned": lambda: len(pinner.pinned),

@@ -53,7 +53,6 @@ def test_config_defaults_and_round_trip():
         ({"worker": "w", "side_channel_port": 70000}, "side_channel_port"),
         ({"worker": "has space"}, "worker"),
         ({"worker": "a/b"}, "worker"),
-        ({"worker": "w", "publish_tiers": ["g9"]}, "publish_tiers"),
         ({"worker": "w", "verify": "yes"}, "verify"),
         ({"worker": "w", "lease": 3}, "lease"),
         ({}, "worker"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import FakeClock
 from kvbm.ids import BlockHash, Tier
 from kvbm.integrity import checksum_rows
 from kvbm.layout import BlockLayout, EngineKV
@@ -17,14 +18,6 @@ from kvbm.remote.source import BlockSource
 from kvbm.tiers.host import HostBuffer
 
 from .conftest import make_hashes
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_g1_g2(num_blocks: int = 6, layers: tuple[int, ...] = (48, 16), seed: int = 0):

@@ -17,7 +17,7 @@ from kvbm.remote.pull import PullEngine
 from kvbm.tiers.host import HostBuffer
 
 from .peerproc import until
-from .test_local_and_leases import FakeClock
+from helpers import FakeClock
 
 
 @dataclasses.dataclass(eq=False)

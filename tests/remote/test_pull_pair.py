@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 
 from kvbm.remote import BlockGrant, FailureKind, PeerMetadata, kind_of
-from kvbm.remote.exchange import fetch_published
-from kvbm.remote.publication import PublishedView
 from kvbm.remote.regions import Segment
 
 from .conftest import make_hashes
@@ -245,17 +243,3 @@ def test_heartbeats_keep_a_held_lease_alive(pair):
     assert [lease_id, "expired"] not in b.call("unpins")
     a.call("drop", grant=grant)
     until(lambda: [lease_id, "released"] in b.call("unpins"), what="the dropped grant to be released")
-
-
-def test_publication_follows_stored_and_removed_events(pair):
-    _, b = pair
-    view = PublishedView()
-    assert view.apply(fetch_published(b.address, None, timeout_s=5.0))
-    hashes = make_hashes(3, salt=4)
-    b.call("index", tier="g1", ids=[0, 1, 2], hashes=hashes)
-    assert view.apply(fetch_published(b.address, view.version, timeout_s=5.0))
-    assert all(h in view for h in hashes)
-    b.call("index", tier="g1", ids=[1], hashes=hashes[1:2], stored=False)
-    delta = fetch_published(b.address, view.version, timeout_s=5.0)
-    assert delta["kind"] == "delta" and view.apply(delta)
-    assert hashes[0] in view and hashes[1] not in view
