@@ -28,11 +28,11 @@ class FakeClock:
         self.now += seconds
 
 
-def completion_body(prompt: str, stream: bool = False) -> dict:
+def completion_body(prompt: str, stream: bool = False, max_tokens: int = MAX_TOKENS) -> dict:
     return {
         "model": MODEL,
         "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": stream,

@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import completion_body
 from kvbm.serving.server_process import free_port
 from kvbm.serving.sse import data_of
 
@@ -140,14 +141,7 @@ def served(tiny_model, logs):
 
 
 def completion(prompt: str, stream: bool) -> dict:
-    return {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
+    return completion_body(prompt, stream, max_tokens=MAX_TOKENS)
 
 
 def outcome(status: int, body: str) -> str:
