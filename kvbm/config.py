@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from kvbm.errors import ConfigError
@@ -99,13 +99,8 @@ class KvbmConfig:
         Raises:
             ConfigError: an unknown key, a value of the wrong type, or an invalid value.
         """
-        if not isinstance(raw, Mapping):
-            raise TypeError(f"kvbm config must be a mapping, got {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise ConfigError(str(key), f"unknown key; known keys: {', '.join(sorted(known))}")
+        for key, value in checked_keys(raw, {f.name for f in dataclasses.fields(cls)}, "kvbm config").items():
             if key in _SIZE_FIELDS and value is not None:
                 value = parse_size(key, value)
             elif key == "offload_policy":
@@ -141,6 +136,21 @@ class KvbmConfig:
                 f"{self.g2_capacity_bytes} bytes cannot hold one block of {block_bytes} bytes",
             )
         return slots
+
+
+def checked_keys(raw: Any, known: Collection[str], where: str) -> dict[str, Any]:
+    """``raw`` as a dict, once it is a mapping whose every key is in ``known``.
+
+    Raises:
+        TypeError: ``raw`` is not a mapping.
+        ConfigError: an unknown key (the message lists the known ones).
+    """
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"{where} must be a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown key in {where}; known keys: {', '.join(sorted(known))}")
+    return dict(raw)
 
 
 def parse_size(field: str, value: Any) -> int:

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from kvbm.config import KvbmConfig
+from kvbm.config import KvbmConfig, checked_keys
 from kvbm.errors import ConfigError
 from kvbm.remote.config import RemoteConfig
 
@@ -79,13 +79,9 @@ class ConnectorConfig:
         Raises:
             ConfigError: an unknown key or a wrong value, naming the field.
         """
-        raw = dict(raw or {})
         own = {f.name for f in dataclasses.fields(cls)} - {"kvbm"}
         kvbm_keys = {f.name for f in dataclasses.fields(KvbmConfig)}
-        for key in raw:
-            if key not in own and key not in kvbm_keys:
-                known = ", ".join(sorted(own | kvbm_keys))
-                raise ConfigError(str(key), f"unknown key in kv_connector_extra_config; known keys: {known}")
+        raw = checked_keys(raw or {}, own | kvbm_keys, "kv_connector_extra_config")
         kvbm_raw = {k: v for k, v in raw.items() if k in kvbm_keys}
         if kvbm_raw.get("g2_capacity_bytes") is None and kvbm_raw.get("g2_capacity_blocks") is None:
             kvbm_raw["g2_capacity_bytes"] = DEFAULT_G2_CAPACITY_BYTES

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from kvbm.config import checked_keys
 from kvbm.errors import ConfigError
 
 _WORKER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -100,16 +101,9 @@ class RemoteConfig:
         Raises:
             ConfigError: an unknown key, or a wrong or missing value.
         """
-        if not isinstance(raw, Mapping):
-            raise TypeError(f"remote config must be a mapping, got {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise ConfigError(str(key), f"unknown key; known keys: {', '.join(sorted(known))}")
-            if key == "backends" and isinstance(value, list):
-                value = tuple(value)
-            values[key] = value
+        values = checked_keys(raw, {f.name for f in dataclasses.fields(cls)}, "remote config")
+        if isinstance(values.get("backends"), list):
+            values["backends"] = tuple(values["backends"])
         if "worker" not in values:
             raise ConfigError("worker", "required")
         return cls(**values)
